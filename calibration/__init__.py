@@ -1,0 +1,1 @@
+"""Per-layer sparsity calibration (``sagesla.calibration``): records each layer's topk in a profile."""

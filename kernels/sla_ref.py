@@ -1,0 +1,67 @@
+"""The whole SLA / SageSLA forward in plain PyTorch: the ``backend="torch"`` path.
+
+Validation and layout handling live in ``sagesla.functional``; this takes checked HND views.
+"""
+
+import torch
+
+from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
+from sagesla.kernels.linear_attn_ref import linear_attn_ref
+from sagesla.kernels.quant_ref import LOG2E, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref, sparse_attn_ref
+
+
+def sla_forward_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    topk: float,
+    block_q: int,
+    block_k: int,
+    sm_scale: float,
+    quantized: bool,
+    pv_precision: str,
+    feature_map: str,
+    linear_scope: str,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SLA forward: block selection, sparse branch, linear branch, sum.
+
+    Args:
+        q, k, v: [B, H, L, D] in the compute dtype (fp16 / bf16).
+        topk: fraction of key blocks each query block keeps.
+        block_q, block_k: BQ, BK.
+        sm_scale: softmax scale.
+        quantized: INT8 Q.K^T (SageSLA) when True, compute-dtype math (SLA) when False.
+        pv_precision: "fp8" or "half" (P.V in the compute dtype); used when ``quantized``.
+        feature_map, linear_scope: see ``linear_attn_ref``.
+        proj_weight, proj_bias: ``proj_l``; the linear branch is skipped when ``proj_weight`` is None.
+    Returns:
+        o: [B, H, L, D] fp32 and lut: [B, H, NQ, S] int32.
+    """
+    if quantized:
+        qk = quant_qk_ref(q, k, block_q, block_k, sm_scale * LOG2E)
+        lut = select_blocks_ref(qk.q_pool, qk.k_pool, topk)
+        v_q, v_scale = quant_v_fp8_ref(v) if pv_precision == "fp8" else (v, None)
+        o = sparse_attn_quant_ref(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_q, v_scale, lut, block_q, block_k)
+    else:
+        k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
+        lut = select_blocks_ref(pool_blocks_ref(q, block_q), pool_blocks_ref(k_smooth, block_k), topk)
+        o = sparse_attn_ref(q, k, v, lut, block_q, block_k, sm_scale)
+    if proj_weight is not None:
+        mask = lut_to_mask(lut, -(-k.shape[-2] // block_k)) if linear_scope == "complement" else None
+        o = o + linear_attn_ref(
+            q,
+            k,
+            v,
+            feature_map,
+            proj_weight,
+            proj_bias,
+            scope=linear_scope,
+            block_mask=mask,
+            block_q=block_q,
+            block_k=block_k,
+        )
+    return o, lut

@@ -1,0 +1,183 @@
+"""``nn.Module`` forms, constructor- and state-dict-compatible with thu-ml/SLA.
+
+State dict keys: ``proj_l.weight`` [D, D] and ``proj_l.bias`` [D], fp32, zero-initialised (so an un-finetuned
+module computes exactly the sparse attention). TurboDiffusion's SLA checkpoints load unchanged.
+"""
+
+import torch
+from torch import nn
+
+from sagesla import validation
+from sagesla.functional import sparse_linear_attn
+
+
+class _SLABase(nn.Module):
+    quantized: bool
+
+    def __init__(
+        self,
+        head_dim: int,
+        topk: float,
+        feature_map: str,
+        BLKQ: int | None,
+        BLKK: int | None,
+        use_bf16: bool,
+        tie_feature_map_qk: bool,
+        *,
+        linear_scope: str,
+        tensor_layout: str,
+        backend: str,
+        pv_precision: str,
+    ):
+        super().__init__()
+        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+            raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}")
+        self.topk = validation.check_topk(topk)
+        validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
+        validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
+        validation.check_choice("tensor_layout", tensor_layout, validation.TENSOR_LAYOUTS)
+        validation.check_choice("backend", backend, validation.BACKENDS)
+        validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
+        for name, value in (("BLKQ", BLKQ), ("BLKK", BLKK)):
+            if value is not None:
+                validation.check_block_size(name, value)
+        self.head_dim = head_dim
+        self.feature_map = feature_map
+        self.BLKQ, self.BLKK = BLKQ, BLKK
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float16
+        # The feature maps hold no parameters, so q and k share one whatever this flag says.
+        self.tie_feature_map_qk = tie_feature_map_qk
+        self.linear_scope = linear_scope
+        self.tensor_layout = tensor_layout
+        self.backend = backend
+        self.pv_precision = pv_precision
+        self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        self.init_weights_()
+
+    def init_weights_(self) -> None:
+        """Zero ``proj_l``: the module then computes exactly the block-sparse attention."""
+        with torch.no_grad():
+            nn.init.zeros_(self.proj_l.weight)
+            nn.init.zeros_(self.proj_l.bias)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, float]:
+        """Args: q, k, v [B, H, L, D] (or [B, L, H, D] with ``tensor_layout="NHD"``), D = ``head_dim``.
+
+        Returns o in q's dtype and layout; with ``return_sparsity``, also the fraction of block pairs skipped.
+        """
+        if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and q.shape[-1:] != (self.head_dim,):
+            raise ValueError(f"`q` must have head_dim {self.head_dim} in its last dim, got shape {tuple(q.shape)}")
+        return sparse_linear_attn(
+            q,
+            k,
+            v,
+            topk=self.topk,
+            quantized=self.quantized,
+            proj_weight=self.proj_l.weight,
+            proj_bias=self.proj_l.bias,
+            feature_map=self.feature_map,
+            linear_scope=self.linear_scope,
+            block_q=self.BLKQ,
+            block_k=self.BLKK,
+            tensor_layout=self.tensor_layout,
+            compute_dtype=self.dtype,
+            pv_precision=self.pv_precision,
+            backend=self.backend,
+            return_sparsity=return_sparsity,
+        )
+
+    def extra_repr(self) -> str:
+        blocks = "per-arch" if self.BLKQ is None and self.BLKK is None else f"{self.BLKQ}x{self.BLKK}"
+        return (
+            f"head_dim={self.head_dim}, topk={self.topk}, feature_map={self.feature_map!r}, blocks={blocks}, "
+            f"dtype={self.dtype}, linear_scope={self.linear_scope!r}, layout={self.tensor_layout!r}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class SparseLinearAttention(_SLABase):
+    """Trainable SLA (unquantized): block-sparse softmax attention in fp16 / bf16 plus the linear branch.
+
+    Args:
+        head_dim: D.
+        topk: fraction of key blocks each query block keeps, in (0, 1].
+        feature_map: "softmax", "elu" or "relu" (phi of the linear branch).
+        BLKQ, BLKK: query / key block rows.
+        use_bf16: compute in bf16 (else fp16); the output keeps the input dtype.
+        tie_feature_map_qk: accepted for compatibility (the feature maps are parameter-free).
+        linear_scope: "all" (thu-ml's and TurboDiffusion's checkpoints) or "complement" (the paper's).
+        tensor_layout: "HND" ([B, H, L, D]) or "NHD" ([B, L, H, D]).
+        backend: "auto", "torch" or "triton".
+    """
+
+    quantized = False
+
+    def __init__(
+        self,
+        head_dim: int,
+        topk: float,
+        feature_map: str = "softmax",
+        BLKQ: int = 64,
+        BLKK: int = 64,
+        use_bf16: bool = True,
+        tie_feature_map_qk: bool = True,
+        *,
+        linear_scope: str = "all",
+        tensor_layout: str = "HND",
+        backend: str = "auto",
+    ):
+        super().__init__(
+            head_dim,
+            topk,
+            feature_map,
+            BLKQ,
+            BLKK,
+            use_bf16,
+            tie_feature_map_qk,
+            linear_scope=linear_scope,
+            tensor_layout=tensor_layout,
+            backend=backend,
+            pv_precision="auto",
+        )
+
+
+class SageSparseLinearAttention(_SLABase):
+    """SageSLA: SLA for inference with INT8 Q/K (per block, K smoothed) and FP8 P/V.
+
+    Args: as ``SparseLinearAttention``, plus
+        BLKQ, BLKK: None picks per GPU architecture (64 x 128 on Hopper, 128 x 64 elsewhere).
+        pv_precision: "auto", "fp8" or "half".
+    """
+
+    quantized = True
+
+    def __init__(
+        self,
+        head_dim: int,
+        topk: float,
+        feature_map: str = "softmax",
+        BLKQ: int | None = None,
+        BLKK: int | None = None,
+        use_bf16: bool = True,
+        tie_feature_map_qk: bool = True,
+        *,
+        linear_scope: str = "all",
+        tensor_layout: str = "HND",
+        backend: str = "auto",
+        pv_precision: str = "auto",
+    ):
+        super().__init__(
+            head_dim,
+            topk,
+            feature_map,
+            BLKQ,
+            BLKK,
+            use_bf16,
+            tie_feature_map_qk,
+            linear_scope=linear_scope,
+            tensor_layout=tensor_layout,
+            backend=backend,
+            pv_precision=pv_precision,
+        )

@@ -1,0 +1,94 @@
+"""Argument checks of the public API. Each error names the argument, what arrived and what is accepted."""
+
+import math
+
+import torch
+
+from sagesla.kernels import linear_attn_ref
+
+FEATURE_MAPS = linear_attn_ref.FEATURE_MAPS
+LINEAR_SCOPES = linear_attn_ref.LINEAR_SCOPES
+TENSOR_LAYOUTS = ("HND", "NHD")
+BACKENDS = ("auto", "torch", "triton")
+PV_PRECISIONS = ("auto", "fp8", "half")
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _shape_letters(layout: str) -> str:
+    return "[B, H, L, D]" if layout == "HND" else "[B, L, H, D]"
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+
+
+def check_topk(topk: object) -> float:
+    """topk must be a real number in (0, 1]."""
+    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+        raise TypeError(f"`topk` must be a float in (0, 1], got {type(topk).__name__} {topk!r}")
+    if not (0.0 < float(topk) <= 1.0):
+        raise ValueError(f"`topk` must be in (0, 1] (the fraction of key blocks kept), got {topk!r}")
+    return float(topk)
+
+
+def check_block_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int (rows per block), got {value!r}")
+
+
+def check_sm_scale(sm_scale: object) -> None:
+    if sm_scale is None:
+        return
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+        raise ValueError(f"`sm_scale` must be a finite positive float or None, got {sm_scale!r}")
+    if sm_scale <= 0:
+        raise ValueError(f"`sm_scale` must be positive, got {sm_scale!r}")
+
+
+def check_qkv(q: object, k: object, v: object, tensor_layout: str) -> None:
+    """q, k, v: same 4-D shape, float dtype, device."""
+    check_choice("tensor_layout", tensor_layout, TENSOR_LAYOUTS)
+    letters = _shape_letters(tensor_layout)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor {letters}, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(
+                f"`{name}` must have shape {letters} for tensor_layout={tensor_layout!r}, got {tuple(x.shape)}"
+            )
+        if x.dtype not in INPUT_DTYPES:
+            raise TypeError(f"`{name}` must have dtype float16, bfloat16 or float32, got {x.dtype}")
+    for name, x in (("k", k), ("v", v)):
+        if x.shape != q.shape:
+            raise ValueError(f"`{name}` must have the shape of `q` {tuple(q.shape)} {letters}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+
+
+def check_proj(proj_weight: object, proj_bias: object, head_dim: int, device: torch.device) -> None:
+    """proj_l: weight [D, D] and optional bias [D], floating, on the inputs' device."""
+    if proj_weight is None:
+        if proj_bias is not None:
+            raise ValueError("`proj_bias` was given without `proj_weight`")
+        return
+    for name, x, shape in (("proj_weight", proj_weight, (head_dim, head_dim)), ("proj_bias", proj_bias, (head_dim,))):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating torch.Tensor of shape {shape}, got {x!r:.60}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"`{name}` must have shape {shape} (head_dim D={head_dim}), got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({device}), got {x.device}")
+
+
+def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise if any input holds NaN or Inf (synchronizes with the device: opt-in only)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"`{name}` holds {bad} NaN/Inf value(s); check_inputs=True rejects non-finite inputs")

@@ -1,0 +1,153 @@
+"""The whole forward (torch backend) against float64 ground truth with the same block selection."""
+
+import pytest
+import torch
+
+import sagesla
+from sagesla import metrics
+from sagesla.kernels.block_select_ref import lut_to_mask
+from sagesla.kernels.linear_attn_ref import feature_map_ref
+from sagesla.kernels.sla_ref import sla_forward_ref
+from sagesla.synthetic import video_like_qkv
+from sagesla.testing import assert_close, dense_masked_attention, expand_block_mask
+
+# Done-when bounds of the foundation issue.
+TOL_UNQUANTIZED_BF16 = 1e-2
+TOL_QUANTIZED = 5e-2
+
+
+def _gaussian(length, head_dim, heads=2):
+    q = torch.randn(1, heads, length, head_dim)
+    k = torch.randn(1, heads, length, head_dim) + 0.5 * torch.randn(1, heads, 1, head_dim)
+    return q, k, torch.randn(1, heads, length, head_dim)
+
+
+def _video(length, head_dim, heads=2):
+    q, k, v = video_like_qkv(1, heads, 4, 16, length // 64, head_dim)
+    return q, k, v
+
+
+def _ground_truth(q, k, v, lut, bq, bk, feature_map, w, b):
+    """float64: dense softmax attention masked to the selected blocks, plus the linear branch over all tokens."""
+    length = q.shape[-2]
+    mask = expand_block_mask(lut_to_mask(lut, -(-length // bk)), length, bq, bk)
+    o = dense_masked_attention(q, k, v, mask)
+    pq, pk = feature_map_ref(q.double(), feature_map).double(), feature_map_ref(k.double(), feature_map).double()
+    o_l = (pq @ (pk.transpose(-1, -2) @ v.double())) / (1e-5 + pq @ pk.sum(-2)[..., None])
+    return o + o_l @ w.double().t() + b.double()
+
+
+def _run(q, k, v, *, quantized, topk, bq, bk, feature_map="softmax", pv="fp8", proj_std=0.02):
+    d = q.shape[-1]
+    w, b = torch.randn(d, d) * proj_std, torch.randn(d) * proj_std
+    o, lut = sla_forward_ref(
+        q.to(torch.bfloat16),
+        k.to(torch.bfloat16),
+        v.to(torch.bfloat16),
+        topk=topk,
+        block_q=bq,
+        block_k=bk,
+        sm_scale=d**-0.5,
+        quantized=quantized,
+        pv_precision=pv,
+        feature_map=feature_map,
+        linear_scope="all",
+        proj_weight=w,
+        proj_bias=b,
+    )
+    return o, _ground_truth(q, k, v, lut, bq, bk, feature_map, w, b)
+
+
+SHAPES = [
+    pytest.param(77, 64, id="L77-D64"),
+    pytest.param(1000, 128, id="L1000-D128"),
+    pytest.param(1024, 64, id="L1024-D64"),
+]
+
+
+@pytest.mark.parametrize("inputs", [_gaussian, _video], ids=["gaussian", "video"])
+@pytest.mark.parametrize("length,head_dim", SHAPES)
+@pytest.mark.parametrize("topk", [0.05, 0.25, 1.0])
+def test_unquantized_bf16_vs_float64(inputs, length, head_dim, topk):
+    o, ref = _run(*inputs(length, head_dim), quantized=False, topk=topk, bq=64, bk=64)
+    assert_close("SLA bf16", ref, o, TOL_UNQUANTIZED_BF16)
+
+
+@pytest.mark.parametrize("inputs", [_gaussian, _video], ids=["gaussian", "video"])
+@pytest.mark.parametrize("length,head_dim", SHAPES)
+@pytest.mark.parametrize("topk", [0.05, 0.25, 1.0])
+@pytest.mark.parametrize("pv", ["fp8", "half"])
+def test_quantized_vs_float64(inputs, length, head_dim, topk, pv):
+    o, ref = _run(*inputs(length, head_dim), quantized=True, topk=topk, bq=64, bk=128, pv=pv)
+    assert_close(f"SageSLA pv={pv}", ref, o, TOL_QUANTIZED)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+def test_feature_maps_with_strong_linear_branch(feature_map):
+    o, ref = _run(*_gaussian(200, 64), quantized=True, topk=0.3, bq=64, bk=64, feature_map=feature_map, proj_std=0.3)
+    assert_close(f"SageSLA {feature_map}", ref, o, TOL_QUANTIZED)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_nhd_layout_equals_hnd(quantized):
+    q, k, v = _gaussian(150, 64)
+    hnd = sagesla.sparse_linear_attn(q, k, v, topk=0.5, quantized=quantized, backend="torch")
+    nhd = sagesla.sparse_linear_attn(
+        *(x.transpose(1, 2).contiguous() for x in (q, k, v)),
+        topk=0.5,
+        quantized=quantized,
+        tensor_layout="NHD",
+        backend="torch",
+    )
+    assert nhd.shape == (1, 150, 2, 64) and nhd.is_contiguous()
+    torch.testing.assert_close(nhd.transpose(1, 2), hnd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_output_dtype_and_sparsity(dtype):
+    q, k, v = (x.to(dtype) for x in _gaussian(640, 64))
+    o, sparsity = sagesla.sparse_linear_attn(q, k, v, topk=0.2, block_q=64, block_k=64, return_sparsity=True)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert sparsity == pytest.approx(1 - 2 / 10)
+
+
+def test_length_below_one_block():
+    q, k, v = _gaussian(5, 64)
+    o = sagesla.sparse_linear_attn(q, k, v, topk=0.05, backend="torch")
+    assert_close("L=5", dense_masked_attention(q, k, v), o, TOL_QUANTIZED)
+
+
+def test_empty_batch():
+    q = torch.randn(0, 2, 64, 64)
+    assert sagesla.sparse_linear_attn(q, q, q, topk=0.5).shape == q.shape
+
+
+def test_sm_scale_is_used():
+    q, k, v = _gaussian(256, 64)
+    default = sagesla.sparse_linear_attn(q, k, v, topk=1.0, quantized=False)
+    explicit = sagesla.sparse_linear_attn(q, k, v, topk=1.0, quantized=False, sm_scale=64**-0.5)
+    sharper = sagesla.sparse_linear_attn(q, k, v, topk=1.0, quantized=False, sm_scale=0.5)
+    torch.testing.assert_close(default, explicit)
+    assert metrics.rel_l1(sharper, default) > 0.1
+    assert_close("sm_scale=0.5", dense_masked_attention(q, k, v, sm_scale=0.5), sharper, TOL_UNQUANTIZED_BF16)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_never_gives_finite_garbage(where, bad):
+    """Rows that dense attention makes non-finite are non-finite here; finite rows are right."""
+    q, k, v = _gaussian(256, 64)
+    inputs = {"q": q, "k": k, "v": v}
+    inputs[where][0, 0, 100, 5] = bad
+    w, b = torch.randn(64, 64) * 0.02, torch.zeros(64)
+    o = sagesla.sparse_linear_attn(*inputs.values(), topk=1.0, block_q=64, block_k=64, proj_weight=w, proj_bias=b)
+    every_block = torch.arange(4, dtype=torch.int32).expand(1, 2, 4, 4)
+    dense = _ground_truth(*inputs.values(), every_block, 64, 64, "softmax", w, b)
+    dense_bad = ~torch.isfinite(dense).all(dim=-1)
+    ours_bad = ~torch.isfinite(o).all(dim=-1)
+    assert dense_bad.any()
+    assert (ours_bad | ~dense_bad).all(), "a row dense makes non-finite came out finite"
+    clean = ~ours_bad & ~dense_bad
+    assert_close("finite rows", dense[clean].float(), o[clean], 0.1)
+    with pytest.raises(ValueError, match=f"`{where}` holds 1 NaN/Inf"):
+        sagesla.sparse_linear_attn(*inputs.values(), topk=1.0, check_inputs=True)
