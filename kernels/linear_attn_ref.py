@@ -7,7 +7,7 @@ selected for it: ``S_i = S - sum_{j in lut_i} S_j``. Then ``proj_l(o_l) = o_l W^
 
 import torch
 
-from sagesla.kernels.quant_ref import to_blocks
+from sagesla.kernels.blocks_ref import to_blocks
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("all", "complement")

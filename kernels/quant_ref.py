@@ -10,6 +10,9 @@ from typing import NamedTuple
 
 import torch
 
+from sagesla.kernels.blocks_ref import block_rows, to_blocks
+from sagesla.kernels.linear_attn_ref import feature_map_ref
+
 LOG2E = 1.4426950408889634
 INT8_MAX = 127.0
 FP8_MAX = 448.0
@@ -42,24 +45,6 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero-pad dim -2 of ``x`` ([..., L, D]) to ``rows`` rows."""
-    extra = rows - x.shape[-2]
-    return x if extra == 0 else torch.nn.functional.pad(x, (0, 0, 0, extra))
-
-
-def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, N, block, D], zero-padding the tail block."""
-    n = -(-x.shape[-2] // block)
-    return pad_rows(x, n * block).unflatten(-2, (n, block))
-
-
-def block_rows(length: int, block: int, device: torch.device) -> torch.Tensor:
-    """Number of real rows in each of the ceil(length / block) blocks: [N] fp32."""
-    starts = torch.arange(0, length, block, device=device)
-    return (length - starts).clamp(max=block).float()
-
-
 def quant_int8_per_block_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 with one scale per block of rows.
 
@@ -82,30 +67,61 @@ def pool_blocks_ref(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / block_rows(x.shape[-2], block, x.device)[:, None]
 
 
-def quant_qk_ref(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, q_mult: float) -> QKQuant:
+class KVStats(NamedTuple):
+    """Reductions over all tokens of K and V, each per (batch, head); None where not asked for.
+
+    k_mean: [B, H, 1, D] fp32 token mean of K.       v_amax: [B, H, D] fp32 per-channel max of |V|.
+    kv: [B, H, D, D] fp32 ``sum_c phi(k_c)^T v_c``.   ksum: [B, H, D] fp32 ``sum_c phi(k_c)``.
+    """
+
+    k_mean: torch.Tensor
+    v_amax: torch.Tensor | None
+    kv: torch.Tensor | None
+    ksum: torch.Tensor | None
+
+
+def kv_stats_ref(k: torch.Tensor, v: torch.Tensor, v_amax: bool, feature_map: str | None) -> KVStats:
+    """The token reductions the quantizers and the linear branch need.
+
+    Args:
+        k, v: [B, H, L, D].
+        v_amax: compute the V maxima (only FP8 V needs them).
+        feature_map: phi of the linear branch, or None to skip its state.
+    """
+    kf, vf = k.float(), v.float()
+    amax = vf.abs().amax(dim=-2) if v_amax else None
+    if feature_map is None:
+        return KVStats(kf.mean(dim=-2, keepdim=True), amax, None, None)
+    phi = feature_map_ref(kf, feature_map)
+    return KVStats(kf.mean(dim=-2, keepdim=True), amax, phi.transpose(-1, -2) @ vf, phi.sum(dim=-2))
+
+
+def quant_qk_ref(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, q_mult: float, k_mean: torch.Tensor
+) -> QKQuant:
     """Smooth K, quantize Q (times ``q_mult``) and smoothed K per block, and pool both for selection.
 
     Args:
         q, k: [B, H, L, D] fp16 / bf16 / fp32.
         block_q, block_k: rows per Q / K block.
         q_mult: folded into Q before quantizing (``sm_scale * log2(e)`` so scores come out in base 2).
+        k_mean: [B, H, 1, D] fp32 token mean of K (``kv_stats_ref``).
     """
-    qf, kf = q.float(), k.float()
-    k_mean = kf.mean(dim=-2, keepdim=True)
-    ks = kf - k_mean
+    qf = q.float()
+    ks = k.float() - k_mean
     q_int8, q_scale = quant_int8_per_block_ref(qf * q_mult, block_q)
     k_int8, k_scale = quant_int8_per_block_ref(ks, block_k)
     return QKQuant(q_int8, q_scale, pool_blocks_ref(qf, block_q), k_int8, k_scale, pool_blocks_ref(ks, block_k), k_mean)
 
 
-def quant_v_fp8_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_v_fp8_ref(v: torch.Tensor, v_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 V with one scale per channel over all tokens.
 
     Args:
         v: [B, H, L, D].
+        v_amax: [B, H, D] fp32 per-channel max of |v| (``kv_stats_ref``).
     Returns:
         v_fp8 [B, H, L, D] float8_e4m3fn and v_scale [B, H, D] fp32 (``v ~= v_fp8 * v_scale``).
     """
-    vf = v.float()
-    scale = vf.abs().amax(dim=-2).clamp(min=SCALE_FLOOR) / FP8_MAX
-    return (vf / scale[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    scale = v_amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    return (v.float() / scale[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

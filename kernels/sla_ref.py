@@ -7,7 +7,7 @@ import torch
 
 from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant_ref import LOG2E, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref, sparse_attn_ref
 
 
@@ -26,7 +26,8 @@ def sla_forward_ref(
     linear_scope: str,
     proj_weight: torch.Tensor | None,
     proj_bias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out: torch.Tensor,
+) -> torch.Tensor:
     """SLA forward: block selection, sparse branch, linear branch, sum.
 
     Args:
@@ -38,13 +39,15 @@ def sla_forward_ref(
         pv_precision: "fp8" or "half" (P.V in the compute dtype); used when ``quantized``.
         feature_map, linear_scope: see ``linear_attn_ref``.
         proj_weight, proj_bias: ``proj_l``; the linear branch is skipped when ``proj_weight`` is None.
+        out: [B, H, L, D] view of the output, written with ``o`` in its dtype.
     Returns:
-        o: [B, H, L, D] fp32 and lut: [B, H, NQ, S] int32.
+        lut: [B, H, NQ, S] int32.
     """
     if quantized:
-        qk = quant_qk_ref(q, k, block_q, block_k, sm_scale * LOG2E)
+        stats = kv_stats_ref(k, v, pv_precision == "fp8", None)
+        qk = quant_qk_ref(q, k, block_q, block_k, sm_scale * LOG2E, stats.k_mean)
         lut = select_blocks_ref(qk.q_pool, qk.k_pool, topk)
-        v_q, v_scale = quant_v_fp8_ref(v) if pv_precision == "fp8" else (v, None)
+        v_q, v_scale = quant_v_fp8_ref(v, stats.v_amax) if stats.v_amax is not None else (v, None)
         o = sparse_attn_quant_ref(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_q, v_scale, lut, block_q, block_k)
     else:
         k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
@@ -64,4 +67,5 @@ def sla_forward_ref(
             block_q=block_q,
             block_k=block_k,
         )
-    return o, lut
+    out.copy_(o)
+    return lut

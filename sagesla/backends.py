@@ -5,7 +5,9 @@ An explicit ``backend="triton"`` never falls back: it raises ``NotImplementedErr
 """
 
 import functools
+import importlib.util
 import logging
+import os
 
 import torch
 
@@ -13,29 +15,72 @@ from sagesla.kernels.sla_ref import sla_forward_ref
 
 logger = logging.getLogger("sagesla")
 
+MAX_TRITON_HEAD_DIM = 256
+
 
 @functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
 
 
+def _is_hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def default_block_sizes(device: torch.device) -> tuple[int, int]:
     """(BQ, BK) of the quantized path: 64 x 128 on Hopper (sm90), 128 x 64 elsewhere (SpargeAttn's choice)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return 64, 128
-    return 128, 64
+    return (64, 128) if _is_hopper(device) else (128, 64)
 
 
-def triton_unsupported_reason(q: torch.Tensor, block_q: int, block_k: int) -> str | None:
+def default_pv_precision(device: torch.device) -> str:
+    """P.V precision for ``pv_precision="auto"``: the faster one at the documented accuracy on this device.
+
+    FP8 on CPU (the design's recipe). On CUDA the 16-bit product: measured faster than FP8 in Triton on an H100
+    (benchmarks/results), and within the tighter error bound.
+    """
+    return "fp8" if device.type != "cuda" else "half"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _pow2_in(value: int, low: int, high: int) -> bool:
+    return low <= value <= high and value & (value - 1) == 0
+
+
+def triton_unsupported_reason(
+    q: torch.Tensor, block_q: int, block_k: int, quantized: bool, linear_scope: str
+) -> str | None:
     """Why the Triton backend cannot serve these (already validated) inputs, or None if it can."""
-    return "the Triton kernels are not part of this build yet"
+    if not _triton_importable():
+        return "triton is not installed"
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"the kernels need CUDA tensors, got {q.device.type} (TRITON_INTERPRET=1 runs them on CPU)"
+    if not quantized:
+        return "the unquantized SLA runs on the torch backend until its Triton kernels land"
+    if linear_scope != "all":
+        return f"linear_scope={linear_scope!r} runs on the torch backend (the kernels fuse scope 'all')"
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}"
+    if not (_pow2_in(block_q, 16, 256) and _pow2_in(block_k, 32, 256)):
+        return f"blocks {block_q}x{block_k}: the kernels need powers of two, BQ in [16, 256] and BK in [32, 256]"
+    nk = -(-q.shape[-2] // block_k)
+    if nk > 4096:
+        return f"{nk} key blocks > 4096 (the selection kernel's limit)"
+    return None
 
 
-def resolve_backend(requested: str, q: torch.Tensor, block_q: int, block_k: int) -> str:
+def resolve_backend(
+    requested: str, q: torch.Tensor, block_q: int, block_k: int, quantized: bool, linear_scope: str
+) -> str:
     """Return "torch" or "triton" for a validated request."""
     if requested == "torch":
         return "torch"
-    reason = triton_unsupported_reason(q, block_q, block_k)
+    if requested == "auto" and q.device.type != "cuda":
+        return "torch"
+    reason = triton_unsupported_reason(q, block_q, block_k, quantized, linear_scope)
     if reason is None:
         return "triton"
     if requested == "triton":
@@ -48,4 +93,6 @@ def forward_for(backend: str):
     """The pipeline function of a resolved backend; both share ``sla_forward_ref``'s signature."""
     if backend == "torch":
         return sla_forward_ref
-    raise NotImplementedError(f"no pipeline for backend {backend!r}")
+    from sagesla.kernels.sla import sla_forward
+
+    return sla_forward

@@ -93,25 +93,23 @@ def sparse_linear_attn(
     hnd = [x.to(compute_dtype) for x in hnd]
     num_key_blocks = -(-length // block_k)
     sparsity = 1.0 - num_selected_blocks(topk, num_key_blocks) / num_key_blocks if length else 0.0
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() == 0:
-        o = torch.empty_like(q)
-        return (o, sparsity) if return_sparsity else o
+        return (out, sparsity) if return_sparsity else out
 
-    forward = backends.forward_for(backends.resolve_backend(backend, hnd[0], block_q, block_k))
-    o, _ = forward(
+    forward = backends.forward_for(backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope))
+    forward(
         *hnd,
         topk=topk,
         block_q=block_q,
         block_k=block_k,
         sm_scale=head_dim**-0.5 if sm_scale is None else float(sm_scale),
         quantized=quantized,
-        pv_precision="fp8" if pv_precision == "auto" else pv_precision,
+        pv_precision=backends.default_pv_precision(q.device) if pv_precision == "auto" else pv_precision,
         feature_map=feature_map,
         linear_scope=linear_scope,
         proj_weight=proj_weight,
         proj_bias=proj_bias,
+        out=out if tensor_layout == "HND" else out.transpose(1, 2),
     )
-    if tensor_layout == "NHD":
-        o = o.transpose(1, 2).contiguous()
-    o = o.to(q.dtype)
-    return (o, sparsity) if return_sparsity else o
+    return (out, sparsity) if return_sparsity else out

@@ -40,7 +40,8 @@ def _ground_truth(q, k, v, lut, bq, bk, feature_map, w, b):
 def _run(q, k, v, *, quantized, topk, bq, bk, feature_map="softmax", pv="fp8", proj_std=0.02):
     d = q.shape[-1]
     w, b = torch.randn(d, d) * proj_std, torch.randn(d) * proj_std
-    o, lut = sla_forward_ref(
+    o = torch.empty(q.shape)
+    lut = sla_forward_ref(
         q.to(torch.bfloat16),
         k.to(torch.bfloat16),
         v.to(torch.bfloat16),
@@ -54,6 +55,7 @@ def _run(q, k, v, *, quantized, topk, bq, bk, feature_map="softmax", pv="fp8", p
         linear_scope="all",
         proj_weight=w,
         proj_bias=b,
+        out=o,
     )
     return o, _ground_truth(q, k, v, lut, bq, bk, feature_map, w, b)
 

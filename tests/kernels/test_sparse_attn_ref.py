@@ -47,8 +47,8 @@ def test_unquantized_matches_float64(length, head_dim, topk, bq, bk):
 def test_quantized_matches_float64(length, head_dim, topk, bq, bk, pv):
     q, k, v, lut, mask = _case(length, head_dim, topk, bq, bk)
     ref = dense_masked_attention(q, k, v, mask)
-    qk = quant_qk_ref(q, k, bq, bk, head_dim**-0.5 * LOG2E)
-    v_q, v_scale = quant_v_fp8_ref(v) if pv == "fp8" else (v.to(torch.bfloat16), None)
+    qk = quant_qk_ref(q, k, bq, bk, head_dim**-0.5 * LOG2E, k.mean(dim=-2, keepdim=True))
+    v_q, v_scale = quant_v_fp8_ref(v, v.abs().amax(dim=-2)) if pv == "fp8" else (v.to(torch.bfloat16), None)
     tri = sparse_attn_quant_ref(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_q, v_scale, lut, bq, bk)
     assert_close(f"sparse_attn_quant_ref[{pv}]", ref, tri, TOL_FP8_PV if pv == "fp8" else TOL_HALF_PV)
 
@@ -57,8 +57,8 @@ def test_outlier_channel_in_v_stays_accurate():
     q, k, v, lut, mask = _case(256, 64, 0.5, 64, 64)
     v[..., 3] *= 1e4
     ref = dense_masked_attention(q, k, v, mask)
-    qk = quant_qk_ref(q, k, 64, 64, 64**-0.5 * LOG2E)
-    v_fp8, v_scale = quant_v_fp8_ref(v)
+    qk = quant_qk_ref(q, k, 64, 64, 64**-0.5 * LOG2E, k.mean(dim=-2, keepdim=True))
+    v_fp8, v_scale = quant_v_fp8_ref(v, v.abs().amax(dim=-2))
     tri = sparse_attn_quant_ref(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_fp8, v_scale, lut, 64, 64)
     keep = torch.ones(64, dtype=torch.bool)
     keep[3] = False

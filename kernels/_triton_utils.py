@@ -1,0 +1,46 @@
+"""Small helpers shared by the Triton kernel families."""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Under the interpreter bf16 dots and some casts are wrong (docs/testing.md): kernels upcast when this is set.
+IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+FEATURE_MAP_IDS = {"softmax": 0, "elu": 1, "relu": 2}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Head dims run as the next power of two, at least 32 (the INT8 dot's minimum K)."""
+    return max(32, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def feature_map(x, m_d, FEATURE: tl.constexpr):
+    """phi of SLA's linear branch over the last dim of x [N, DP]; padded columns (m_d False) come out 0."""
+    if FEATURE == 0:
+        x = tl.where(m_d[None, :], x, float("-inf"))
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        phi = e / tl.sum(e, axis=1)[:, None]
+    elif FEATURE == 1:
+        phi = tl.where(x > 0, x + 1.0, tl.exp(x))
+    else:
+        phi = tl.maximum(x, 0.0)
+    return tl.where(m_d[None, :], phi, 0.0)
+
+
+@triton.jit
+def fp8e4m3_round_interpret(x):
+    """Round fp32 to the nearest e4m3 value (ties to even, as the hardware), in fp32 arithmetic, clamped to +-448.
+
+    Only for the interpreter, whose fp32 -> e4m3 cast mis-rounds about a tenth of values (often halving them);
+    after this the cast receives exact e4m3 values. On the GPU the hardware cast rounds correctly.
+    """
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    quantum = tl.exp2((tl.maximum(exponent, -6) - 3).to(tl.float32))
+    steps = tl.abs(x) / quantum
+    nearest = tl.floor(steps + 0.5)
+    is_odd_tie = (nearest - steps == 0.5) & (nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0)
+    y = tl.where(is_odd_tie, nearest - 1.0, nearest) * quantum
+    return tl.where(x < 0, -1.0, 1.0) * tl.minimum(y, 448.0)

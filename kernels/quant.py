@@ -1,0 +1,285 @@
+"""Triton prep kernels of SageSLA: K/V reductions in one pass, then per-block INT8 Q/K and FP8 V.
+
+Twin of ``quant_ref.py`` (``quant_qk`` ~ ``quant_qk_ref``, ``quant_v_fp8`` ~ ``quant_v_fp8_ref``). Quantized
+tensors are internal buffers laid out for the attention kernel: rows padded to whole blocks and the head dim
+padded to DP, both with zeros; V in FP8 is stored transposed ([D, L], keys contiguous), the K-major operand
+layout that FP8 matrix instructions need.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sagesla.kernels._triton_utils import (
+    FEATURE_MAP_IDS,
+    IS_INTERPRET,
+    feature_map,
+    fp8e4m3_round_interpret,
+    padded_head_dim,
+)
+from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, KVStats, QKQuant
+
+
+@triton.jit
+def _round_half_away(x):
+    return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(0.5 - x))
+
+
+@triton.jit
+def quant_block_kernel(
+    x,
+    s_xb,
+    s_xh,
+    s_xl,
+    mean,
+    x_int8,
+    x_scale,
+    x_pool,
+    mult,
+    L,
+    H,
+    N,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BLK: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+):
+    """One block of BLK rows: subtract the token mean (K), pool, scale by ``mult``, INT8 with one scale."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_n * BLK + tl.arange(0, BLK)
+    o_d = tl.arange(0, DP)
+    m_t, m_d = o_t < L, o_d < D
+    m_x = m_t[:, None] & m_d[None, :]
+    p_x = x + i_b.to(tl.int64) * s_xb + i_h.to(tl.int64) * s_xh + o_t.to(tl.int64)[:, None] * s_xl + o_d[None, :]
+    # [BLK, DP]
+    b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        b_mean = tl.load(mean + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
+        b_x = tl.where(m_x, b_x - b_mean[None, :], 0.0)
+    rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
+    tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, tl.sum(b_x, axis=0) / rows)
+    b_x = b_x * mult
+    scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) / 127.0
+    b_q = tl.minimum(tl.maximum(_round_half_away(b_x / scale), -127.0), 127.0)
+    tl.store(x_scale + i_bh.to(tl.int64) * N + i_n, scale)
+    p_q = x_int8 + (i_bh.to(tl.int64) * N * BLK + o_t[:, None]) * DP + o_d[None, :]
+    tl.store(p_q, b_q.to(tl.int8))
+
+
+@triton.jit
+def kv_stats_kernel(
+    k,
+    s_kb,
+    s_kh,
+    s_kl,
+    v,
+    s_vb,
+    s_vh,
+    s_vl,
+    k_sum,
+    v_amax,
+    kv,
+    ksum,
+    L,
+    H,
+    CHUNK,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BT: tl.constexpr,
+    V_AMAX: tl.constexpr,
+    FEATURE: tl.constexpr,
+    HAS_LINEAR: tl.constexpr,
+):
+    """Partial reductions over one chunk of tokens: sum of K, max |V| per channel, phi(K)^T V, sum phi(K)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_d = tl.arange(0, DP)
+    m_d = o_d < D
+    p_k = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
+    p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+    b_sum = tl.zeros([DP], dtype=tl.float32)
+    b_amax = tl.zeros([DP], dtype=tl.float32)
+    b_ksum = tl.zeros([DP], dtype=tl.float32)
+    # [DP, DP]
+    b_kv = tl.zeros([DP, DP], dtype=tl.float32)
+    start = i_c * CHUNK
+    for t in tl.range(start, tl.minimum(start + CHUNK, L), BT):
+        o_t = t + tl.arange(0, BT)
+        m_t = o_t < L
+        m_x = m_t[:, None] & m_d[None, :]
+        # [BT, DP]
+        b_k = tl.load(p_k + o_t.to(tl.int64)[:, None] * s_kl + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
+        b_sum += tl.sum(b_k, axis=0)
+        if V_AMAX or HAS_LINEAR:
+            b_v = tl.load(p_v + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
+            if V_AMAX:
+                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v), axis=0))
+            if HAS_LINEAR:
+                b_phi = tl.where(m_t[:, None], feature_map(b_k, m_d, FEATURE), 0.0)
+                b_ksum += tl.sum(b_phi, axis=0)
+                b_kv = tl.dot(tl.trans(b_phi), b_v, b_kv)
+    i_out = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
+    tl.store(k_sum + i_out * DP + o_d, b_sum)
+    if V_AMAX:
+        tl.store(v_amax + i_out * DP + o_d, b_amax)
+    if HAS_LINEAR:
+        tl.store(ksum + i_out * DP + o_d, b_ksum)
+        tl.store(kv + i_out * DP * DP + o_d[:, None] * DP + o_d[None, :], b_kv)
+
+
+@triton.jit
+def quant_v_fp8_kernel(
+    v,
+    s_vb,
+    s_vh,
+    s_vl,
+    v_scale,
+    v_fp8t,
+    L,
+    H,
+    LP,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    BT: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
+):
+    """V / v_scale to FP8 e4m3, written transposed: v_fp8t [B*H, DP, LP]."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_t = i_t * BT + tl.arange(0, BT)
+    o_d = tl.arange(0, DP)
+    m_x = (o_t < L)[:, None] & (o_d < D)[None, :]
+    p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :]
+    # [BT, DP]
+    b_v = tl.load(p_v, mask=m_x, other=0.0).to(tl.float32)
+    b_scale = tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0)
+    b_v = tl.minimum(tl.maximum(b_v / b_scale[None, :], -448.0), 448.0)
+    if IS_INTERPRET:
+        b_v = fp8e4m3_round_interpret(b_v)
+    p_out = v_fp8t + i_bh.to(tl.int64) * DP * LP + o_d[None, :].to(tl.int64) * LP + o_t[:, None]
+    tl.store(p_out, b_v.to(v_fp8t.dtype.element_ty), mask=(o_t < LP)[:, None])
+
+
+def _stats_grid(length: int, heads: int, block: int) -> tuple[int, int]:
+    """(chunks per head, chunk length): about 4 programs per SM in all, chunks a multiple of ``block``."""
+    blocks = triton.cdiv(length, block)
+    chunks = max(1, min(blocks, triton.cdiv(528, heads)))
+    return chunks, triton.cdiv(blocks, chunks) * block
+
+
+def kv_stats(k: torch.Tensor, v: torch.Tensor, v_amax: bool, feature_map: str | None) -> KVStats:
+    """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
+
+    Args:
+        k, v: [B, H, L, D] views with unit stride on D.
+        v_amax: compute the per-channel max of |V|.
+        feature_map: phi of the linear branch, or None to skip its state.
+    Returns:
+        KVStats as the reference (fp32, unpadded).
+    """
+    B, H, L, D = k.shape
+    DP, BT = padded_head_dim(D), 64
+    chunks, chunk = _stats_grid(L, B * H, BT)
+    linear = feature_map is not None
+    k_sum = torch.empty(B, H, chunks, DP, device=k.device, dtype=torch.float32)
+    amax = torch.empty_like(k_sum) if v_amax else k_sum
+    ksum = torch.empty_like(k_sum) if linear else k_sum
+    kv = torch.empty(B, H, chunks, DP, DP, device=k.device, dtype=torch.float32) if linear else k_sum
+    kv_stats_kernel[(chunks, B * H)](
+        k,
+        *k.stride()[:3],
+        v,
+        *v.stride()[:3],
+        k_sum,
+        amax,
+        kv,
+        ksum,
+        L,
+        H,
+        chunk,
+        D=D,
+        DP=DP,
+        BT=BT,
+        V_AMAX=v_amax,
+        FEATURE=FEATURE_MAP_IDS[feature_map or "softmax"],
+        HAS_LINEAR=linear,
+    )
+    return KVStats(
+        k_sum[..., :D].sum(dim=2, keepdim=True) / L,
+        amax[..., :D].amax(dim=2) if v_amax else None,
+        kv[..., :D, :D].sum(dim=2) if linear else None,
+        ksum[..., :D].sum(dim=2) if linear else None,
+    )
+
+
+def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor | None):
+    B, H, L, D = x.shape
+    DP, N = padded_head_dim(D), triton.cdiv(L, block)
+    x_int8 = torch.empty(B, H, N * block, DP, device=x.device, dtype=torch.int8)
+    scale = torch.empty(B, H, N, device=x.device, dtype=torch.float32)
+    pool = torch.empty(B, H, N, DP, device=x.device, dtype=torch.float32)
+    quant_block_kernel[(N, B * H)](
+        x,
+        *x.stride()[:3],
+        scale if mean is None else mean.contiguous(),
+        x_int8,
+        scale,
+        pool,
+        mult,
+        L,
+        H,
+        N,
+        D=D,
+        DP=DP,
+        BLK=block,
+        HAS_MEAN=mean is not None,
+    )
+    return x_int8, scale, pool
+
+
+def quant_qk(
+    q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, q_mult: float, k_mean: torch.Tensor
+) -> QKQuant:
+    """Triton twin of ``quant_qk_ref``.
+
+    Args:
+        q, k: [B, H, L, D] views with unit stride on D.
+        k_mean: [B, H, 1, D] fp32 token mean of K (``kv_stats``).
+    Returns:
+        QKQuant with q_int8 [B, H, NQ*BQ, DP] and k_int8 [B, H, NK*BK, DP] (zero-padded rows and columns), pools
+        [B, H, N, DP] (zero in padded columns); scales and k_mean as the reference.
+    """
+    q_int8, q_scale, q_pool = _quant_blocks(q, block_q, q_mult, None)
+    k_int8, k_scale, k_pool = _quant_blocks(k, block_k, 1.0, k_mean)
+    return QKQuant(q_int8, q_scale, q_pool, k_int8, k_scale, k_pool, k_mean)
+
+
+def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of ``quant_v_fp8_ref``, written transposed for the FP8 P.V product.
+
+    Args:
+        v: [B, H, L, D] view with unit stride on D.
+        v_amax: [B, H, D] fp32 (``kv_stats``).
+        padded_length: rows of V to write, a whole number of key blocks (>= L); rows past L are zero.
+    Returns:
+        v_fp8t [B, H, DP, padded_length] float8_e4m3fn and v_scale [B, H, D] fp32.
+    """
+    B, H, L, D = v.shape
+    DP, BT = padded_head_dim(D), 64
+    scale = v_amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    v_fp8t = torch.empty(B, H, DP, padded_length, device=v.device, dtype=FP8_DTYPE)
+    quant_v_fp8_kernel[(triton.cdiv(padded_length, BT), B * H)](
+        v,
+        *v.stride()[:3],
+        scale.contiguous(),
+        v_fp8t,
+        L,
+        H,
+        padded_length,
+        D=D,
+        DP=DP,
+        BT=BT,
+        IS_INTERPRET=IS_INTERPRET,
+    )
+    return v_fp8t, scale

@@ -1,0 +1,77 @@
+"""The SageSLA forward on the Triton kernels: the ``backend="triton"`` path, twin of ``sla_ref.sla_forward_ref``.
+
+Launches: one pass over K and V for every token reduction (K mean, V channel maxima, linear state), INT8 Q and K
+with pooling, FP8 V (when P.V runs in FP8), block selection, and the fused sparse + linear kernel. A few tiny
+torch ops fold ``proj_l`` into the linear state. No host synchronisation and no data-dependent allocation.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from sagesla.kernels._triton_utils import padded_head_dim
+from sagesla.kernels.block_select import select_blocks
+from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
+from sagesla.kernels.quant_ref import LOG2E
+from sagesla.kernels.sparse_attn import sparse_attn_fwd
+
+
+def sla_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    topk: float,
+    block_q: int,
+    block_k: int,
+    sm_scale: float,
+    quantized: bool,
+    pv_precision: str,
+    feature_map: str,
+    linear_scope: str,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """SageSLA forward into ``out``; same contract as ``sla_forward_ref`` (quantized, linear_scope "all" only).
+
+    Args:
+        q, k, v: [B, H, L, D] views in the compute dtype with unit stride on D.
+        out: [B, H, L, D] view of the output.
+    Returns:
+        lut: [B, H, NQ, S] int32.
+    """
+    if not quantized or linear_scope != "all":
+        raise NotImplementedError("the Triton pipeline serves quantized attention with linear_scope='all'")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    D = q.shape[-1]
+    DP = padded_head_dim(D)
+    pv_fp8 = pv_precision == "fp8"
+    linear = proj_weight is not None
+    stats = kv_stats(k, v, pv_fp8, feature_map if linear else None)
+    qk = quant_qk(q, k, block_q, block_k, sm_scale * LOG2E, stats.k_mean)
+    lut = select_blocks(qk.q_pool, qk.k_pool, topk)
+    if pv_fp8:
+        v_in, v_scale = quant_v_fp8(v, stats.v_amax, qk.k_int8.shape[2])
+    else:
+        v_in, v_scale = v, None
+    fused = None
+    if linear:
+        kvw = F.pad(stats.kv @ proj_weight.float().t(), (0, DP - D, 0, DP - D)).contiguous()
+        ksum = F.pad(stats.ksum, (0, DP - D)).contiguous()
+        bias = None if proj_bias is None else proj_bias.float().contiguous()
+        fused = (q, kvw, ksum, bias)
+    sparse_attn_fwd(
+        qk.q_int8,
+        qk.q_scale,
+        qk.k_int8,
+        qk.k_scale,
+        v_in,
+        v_scale,
+        lut,
+        block_q,
+        block_k,
+        out,
+        linear=fused,
+        feature_map=feature_map,
+    )
+    return lut

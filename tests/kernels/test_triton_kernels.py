@@ -1,0 +1,203 @@
+"""Each Triton kernel against its torch reference: under the interpreter on CPU (small), on CUDA (full size).
+
+Under the interpreter FP8 casts are emulated and reductions run in another order, so FP8 comparisons use
+tolerances; on the GPU the quantizers must match the reference bit for bit.
+"""
+
+import pytest
+import torch
+
+from sagesla import metrics
+from sagesla.kernels.block_select import select_blocks
+from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
+from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
+from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.sla import sla_forward
+from sagesla.kernels.sla_ref import sla_forward_ref
+from sagesla.kernels.sparse_attn import sparse_attn_fwd
+from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref
+from sagesla.testing import assert_close, dense_masked_attention, expand_block_mask
+
+HAS_CUDA = torch.cuda.is_available()
+# Kernel vs reference on identical quantized inputs and selection: P is rounded (to e4m3, relative step 2^-4, or
+# to bf16) after scaling by the running (online) row maximum instead of the final one, so the roundings differ.
+TOL_KERNEL_FP8 = 2e-2
+TOL_KERNEL_HALF = 4e-3
+# Whole pipeline vs float32 masked dense attention at L=8192 (the issue's targets).
+TOL_E2E_FP8 = 4e-2
+TOL_E2E_HALF = 1.5e-2
+
+
+def _qkv(shape, device, dtype=torch.bfloat16, offset=0.5):
+    b, h, l, d = shape
+    q = torch.randn(b, h, l, d, device=device)
+    k = torch.randn(b, h, l, d, device=device) + offset * torch.randn(b, h, 1, d, device=device)
+    v = torch.randn(b, h, l, d, device=device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+SMALL = [
+    pytest.param((1, 2, 77, 64), 32, 64, id="B1-H2-L77-D64-32x64"),
+    pytest.param((2, 1, 200, 128), 64, 128, id="B2-H1-L200-D128-64x128"),
+    pytest.param((1, 1, 130, 80), 64, 64, id="B1-H1-L130-D80-padded"),
+]
+LARGE = [
+    pytest.param((1, 4, 4099, 128), 64, 128, id="B1-H4-L4099-D128-64x128", marks=pytest.mark.gpu),
+    pytest.param((2, 3, 8192, 64), 128, 64, id="B2-H3-L8192-D64-128x64", marks=pytest.mark.gpu),
+]
+SHAPES = SMALL + LARGE
+
+
+def _device(shape):
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+def test_kv_stats(shape, bq, bk):
+    k, v = _qkv(shape, _device(shape))[1:]
+    for feature in ("softmax", "elu", "relu"):
+        ref = kv_stats_ref(k, v, True, feature)
+        tri = kv_stats(k, v, True, feature)
+        for name, r, t in zip(ref._fields, ref, tri, strict=True):
+            assert_close(f"kv_stats.{name}[{feature}]", r, t, 1e-5 if name != "kv" else 1e-3)
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+def test_quant_qk_bit_exact(shape, bq, bk):
+    q, k, _ = _qkv(shape, _device(shape))
+    k_mean = kv_stats_ref(k, k, False, None).k_mean
+    ref = quant_qk_ref(q, k, bq, bk, shape[-1] ** -0.5 * LOG2E, k_mean)
+    tri = quant_qk(q, k, bq, bk, shape[-1] ** -0.5 * LOG2E, k_mean)
+    L, D = shape[2:]
+    torch.testing.assert_close(tri.q_scale, ref.q_scale, rtol=0, atol=0)
+    torch.testing.assert_close(tri.k_scale, ref.k_scale, rtol=0, atol=0)
+    assert torch.equal(tri.q_int8[..., :L, :D], ref.q_int8)
+    assert torch.equal(tri.k_int8[..., :L, :D], ref.k_int8)
+    assert not tri.q_int8[..., L:, :].any() and not tri.k_int8[..., D:].any(), "padding must be zero"
+    torch.testing.assert_close(tri.q_pool[..., :D], ref.q_pool, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tri.k_pool[..., :D], ref.k_pool, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+def test_quant_v_fp8(shape, bq, bk):
+    v = _qkv(shape, _device(shape))[2]
+    v[..., 1] *= 1e3  # an outlier channel
+    amax = kv_stats_ref(v, v, True, None).v_amax
+    ref, ref_scale = quant_v_fp8_ref(v, amax)
+    padded = -(-shape[2] // bk) * bk
+    tri, scale = quant_v_fp8(v, amax, padded)
+    L, D = shape[2:]
+    assert tri.shape[-2:] == (tri.shape[-2], padded)
+    torch.testing.assert_close(scale, ref_scale, rtol=0, atol=0)
+    assert torch.equal(tri[..., :D, :L].transpose(-1, -2).float(), ref.float())
+    assert not tri[..., L:].float().any() and not tri[..., D:, :].float().any()
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+@pytest.mark.parametrize("topk", [0.01, 0.3, 1.0])
+def test_select_blocks_equal(shape, bq, bk, topk):
+    q, k, _ = _qkv(shape, _device(shape))
+    qk = quant_qk_ref(q, k, bq, bk, 1.0, kv_stats_ref(k, k, False, None).k_mean)
+    ref = select_blocks_ref(qk.q_pool, qk.k_pool, topk)
+    tri = select_blocks(qk.q_pool.contiguous(), qk.k_pool.contiguous(), topk)
+    assert torch.equal(tri, ref)
+
+
+def _sparse_case(shape, bq, bk, topk, pv):
+    q, k, v = _qkv(shape, _device(shape))
+    d = shape[-1]
+    stats = kv_stats_ref(k, v, True, None)
+    qk = quant_qk(q, k, bq, bk, d**-0.5 * LOG2E, stats.k_mean)
+    lut = select_blocks_ref(qk.q_pool, qk.k_pool, topk)
+    L, D = shape[2:]
+    q8, k8 = qk.q_int8[..., :L, :D], qk.k_int8[..., :L, :D]
+    if pv == "fp8":
+        v_ref, v_scale = quant_v_fp8_ref(v, stats.v_amax)
+        v_tri = quant_v_fp8(v, stats.v_amax, k8.shape[2] if L % bk == 0 else qk.k_int8.shape[2])[0]
+    else:
+        v_ref, v_scale, v_tri = v, None, v
+    ref = sparse_attn_quant_ref(q8, qk.q_scale, k8, qk.k_scale, v_ref, v_scale, lut, bq, bk)
+    out = torch.full_like(q, float("nan"), dtype=torch.float32)
+    sparse_attn_fwd(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_tri, v_scale, lut, bq, bk, out)
+    return q, k, v, lut, ref, out
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+@pytest.mark.parametrize("topk", [0.05, 1.0])
+@pytest.mark.parametrize("pv", ["fp8", "half"])
+def test_sparse_attn_vs_reference(shape, bq, bk, topk, pv):
+    *_, ref, out = _sparse_case(shape, bq, bk, topk, pv)
+    assert_close(f"sparse_attn_fwd[{pv}]", ref, out.float(), TOL_KERNEL_FP8 if pv == "fp8" else TOL_KERNEL_HALF)
+
+
+@pytest.mark.parametrize("pv", ["fp8", "half"])
+@pytest.mark.parametrize("feature", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_pipeline_vs_reference_same_selection(pv, feature, layout):
+    shape = (1, 2, 150, 64) if not HAS_CUDA else (2, 4, 3001, 128)
+    q, k, v = _qkv(shape, _device(shape))
+    if layout == "NHD":
+        q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    d = shape[-1]
+    w = torch.randn(d, d, device=q.device) * 0.1
+    bias = torch.randn(d, device=q.device) * 0.1
+    kwargs = dict(
+        topk=0.3,
+        block_q=64,
+        block_k=64,
+        sm_scale=d**-0.5,
+        quantized=True,
+        pv_precision=pv,
+        feature_map=feature,
+        linear_scope="all",
+        proj_weight=w,
+        proj_bias=bias,
+    )
+    out_ref, out_tri = torch.empty_like(q), torch.full_like(q, float("nan"))
+    lut_ref = sla_forward_ref(q, k, v, out=out_ref, **kwargs)
+    lut_tri = sla_forward(q, k, v, out=out_tri, **kwargs)
+    # Pools summed in another order may swap two near-equal blocks; everything else must agree.
+    assert (lut_tri == lut_ref).float().mean() > 0.99
+    if torch.equal(lut_tri, lut_ref):
+        assert_close(f"sla_forward[{pv},{feature},{layout}]", out_ref, out_tri, TOL_KERNEL_FP8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pv,tol", [("fp8", TOL_E2E_FP8), ("half", TOL_E2E_HALF)])
+@pytest.mark.parametrize("topk", [0.05, 0.2])
+def test_pipeline_vs_float32_dense_masked(pv, tol, topk):
+    """The issue's accuracy targets at L=8192, H=12, D=128, Gaussian inputs, proj_l std 0.02."""
+    q, k, v = _qkv((1, 12, 8192, 128), "cuda")
+    w, bias = torch.randn(128, 128, device="cuda") * 0.02, torch.randn(128, device="cuda") * 0.02
+    out = torch.full_like(q, float("nan"))
+    lut = sla_forward(
+        q,
+        k,
+        v,
+        topk=topk,
+        block_q=64,
+        block_k=128,
+        sm_scale=128**-0.5,
+        quantized=True,
+        pv_precision=pv,
+        feature_map="softmax",
+        linear_scope="all",
+        proj_weight=w,
+        proj_bias=bias,
+        out=out,
+    )
+    mask = expand_block_mask(lut_to_mask(lut, 64), 8192, 64, 128)
+    ref = torch.cat(
+        [
+            dense_masked_attention(
+                q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], mask[:, i : i + 1], dtype=torch.float32
+            )
+            for i in range(12)
+        ],
+        dim=1,
+    )
+    from sagesla.kernels.linear_attn_ref import linear_attn_ref
+
+    ref = ref + linear_attn_ref(q, k, v, "softmax", w, bias)
+    assert_close(f"SageSLA[{pv}] vs fp32 dense-masked", ref, out.float(), tol)
+    assert metrics.cosine(out, ref) > 0.999
