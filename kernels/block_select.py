@@ -79,6 +79,17 @@ def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> to
         raise NotImplementedError(f"select_blocks: {NK} key blocks exceed the kernel's {MAX_KEY_BLOCKS}")
     lut = torch.empty(B, H, NQ, S, device=q_pool.device, dtype=torch.int32)
     select_blocks_kernel[(triton.cdiv(NQ, _BQT), B * H)](
-        q_pool.contiguous(), k_pool.contiguous(), lut, NQ, NK, S, W, DP=DP, BQT=_BQT, NKP=NKP, num_warps=4
+        q_pool.contiguous(),
+        k_pool.contiguous(),
+        lut,
+        NQ,
+        NK,
+        S,
+        W,
+        DP=DP,
+        DC=min(DP, 32),
+        BQT=_BQT,
+        NKP=NKP,
+        num_warps=4,
     )
     return lut

@@ -60,8 +60,9 @@ def quant_block_kernel(
     rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
     tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, tl.sum(b_x, axis=0) / rows)
     b_x = b_x * mult
-    scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) / 127.0
-    b_q = tl.minimum(tl.maximum(_round_half_away(b_x / scale), -127.0), 127.0)
+    scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) * (1.0 / 127.0)
+    # One IEEE reciprocal (Triton's `/` on fp32 is approximate) and a multiply, as the reference.
+    b_q = tl.minimum(tl.maximum(_round_half_away(b_x * tl.math.div_rn(1.0, scale)), -127.0), 127.0)
     tl.store(x_scale + i_bh.to(tl.int64) * N + i_n, scale)
     p_q = x_int8 + (i_bh.to(tl.int64) * N * BLK + o_t[:, None]) * DP + o_d[None, :]
     tl.store(p_q, b_q.to(tl.int8))
@@ -90,6 +91,7 @@ def kv_stats_kernel(
     V_AMAX: tl.constexpr,
     FEATURE: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
 ):
     """Partial reductions over one chunk of tokens: sum of K, max |V| per channel, phi(K)^T V, sum phi(K)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -109,16 +111,20 @@ def kv_stats_kernel(
         m_t = o_t < L
         m_x = m_t[:, None] & m_d[None, :]
         # [BT, DP]
-        b_k = tl.load(p_k + o_t.to(tl.int64)[:, None] * s_kl + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
-        b_sum += tl.sum(b_k, axis=0)
+        b_k = tl.load(p_k + o_t.to(tl.int64)[:, None] * s_kl + o_d[None, :], mask=m_x, other=0.0)
+        b_kf = b_k.to(tl.float32)
+        b_sum += tl.sum(b_kf, axis=0)
         if V_AMAX or HAS_LINEAR:
-            b_v = tl.load(p_v + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :], mask=m_x, other=0.0).to(tl.float32)
+            b_v = tl.load(p_v + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :], mask=m_x, other=0.0)
             if V_AMAX:
-                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v), axis=0))
+                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v.to(tl.float32)), axis=0))
             if HAS_LINEAR:
-                b_phi = tl.where(m_t[:, None], feature_map(b_k, m_d, FEATURE), 0.0)
+                b_phi = tl.where(m_t[:, None], feature_map(b_kf, m_d, FEATURE), 0.0)
                 b_ksum += tl.sum(b_phi, axis=0)
-                b_kv = tl.dot(tl.trans(b_phi), b_v, b_kv)
+                if IS_INTERPRET:
+                    b_kv = tl.dot(tl.trans(b_phi), b_v.to(tl.float32), b_kv)
+                else:
+                    b_kv = tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, b_kv)
     i_out = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
     tl.store(k_sum + i_out * DP + o_d, b_sum)
     if V_AMAX:
@@ -153,34 +159,44 @@ def quant_v_fp8_kernel(
     p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :]
     # [BT, DP]
     b_v = tl.load(p_v, mask=m_x, other=0.0).to(tl.float32)
-    b_scale = tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0)
-    b_v = tl.minimum(tl.maximum(b_v / b_scale[None, :], -448.0), 448.0)
+    b_inv = tl.math.div_rn(1.0, tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0))
+    b_v = tl.minimum(tl.maximum(b_v * b_inv[None, :], -448.0), 448.0)
     if IS_INTERPRET:
         b_v = fp8e4m3_round_interpret(b_v)
     p_out = v_fp8t + i_bh.to(tl.int64) * DP * LP + o_d[None, :].to(tl.int64) * LP + o_t[:, None]
     tl.store(p_out, b_v.to(v_fp8t.dtype.element_ty), mask=(o_t < LP)[:, None])
 
 
-def _stats_grid(length: int, heads: int, block: int) -> tuple[int, int]:
-    """(chunks per head, chunk length): about 4 programs per SM in all, chunks a multiple of ``block``."""
+def _stats_grid(length: int, heads: int, block: int, programs: int) -> tuple[int, int]:
+    """(chunks per head, chunk length): about ``programs`` programs in all, chunks a multiple of ``block``."""
     blocks = triton.cdiv(length, block)
-    chunks = max(1, min(blocks, triton.cdiv(528, heads)))
+    chunks = max(1, min(blocks, triton.cdiv(programs, heads)))
     return chunks, triton.cdiv(blocks, chunks) * block
 
 
-def kv_stats(k: torch.Tensor, v: torch.Tensor, v_amax: bool, feature_map: str | None) -> KVStats:
+def kv_stats(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    v_amax: bool,
+    feature_map: str | None,
+    *,
+    programs: int = 528,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> KVStats:
     """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
 
     Args:
         k, v: [B, H, L, D] views with unit stride on D.
         v_amax: compute the per-channel max of |V|.
         feature_map: phi of the linear branch, or None to skip its state.
+        programs, num_warps, num_stages: launch shape (programs in all: token chunks x heads).
     Returns:
         KVStats as the reference (fp32, unpadded).
     """
     B, H, L, D = k.shape
     DP, BT = padded_head_dim(D), 64
-    chunks, chunk = _stats_grid(L, B * H, BT)
+    chunks, chunk = _stats_grid(L, B * H, BT, programs)
     linear = feature_map is not None
     k_sum = torch.empty(B, H, chunks, DP, device=k.device, dtype=torch.float32)
     amax = torch.empty_like(k_sum) if v_amax else k_sum
@@ -204,6 +220,9 @@ def kv_stats(k: torch.Tensor, v: torch.Tensor, v_amax: bool, feature_map: str | 
         V_AMAX=v_amax,
         FEATURE=FEATURE_MAP_IDS[feature_map or "softmax"],
         HAS_LINEAR=linear,
+        IS_INTERPRET=IS_INTERPRET,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return KVStats(
         k_sum[..., :D].sum(dim=2, keepdim=True) / L,
@@ -267,7 +286,7 @@ def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tu
     """
     B, H, L, D = v.shape
     DP, BT = padded_head_dim(D), 64
-    scale = v_amax.clamp(min=SCALE_FLOOR) / FP8_MAX
+    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
     v_fp8t = torch.empty(B, H, DP, padded_length, device=v.device, dtype=FP8_DTYPE)
     quant_v_fp8_kernel[(triton.cdiv(padded_length, BT), B * H)](
         v,

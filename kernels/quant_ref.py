@@ -1,8 +1,10 @@
 """Reference quantizers of the SageSLA recipe (see ``docs/math.md``).
 
-- Q and smoothed K: symmetric INT8, one fp32 scale per block of BQ (BK) rows: ``scale = max(amax, FLOOR) / 127``,
-  ``value = round_half_away_from_zero(x / scale)`` clamped to [-127, 127]. A short tail block uses its real rows.
-- V: FP8 e4m3, one fp32 scale per (batch, head, channel) over all tokens: ``scale = max(amax, FLOOR) / 448``.
+- Q and smoothed K: symmetric INT8, one fp32 scale per block of BQ (BK) rows: ``scale = max(amax, FLOOR) * (1/127)``,
+  ``value = round_half_away_from_zero(x * (1 / scale))`` clamped to [-127, 127]. A short tail block uses its real rows.
+- V: FP8 e4m3, one fp32 scale per (batch, head, channel) over all tokens: ``scale = max(amax, FLOOR) * (1/448)``.
+  Every step is one IEEE fp32 operation (multiply by fp32 constants, exact reciprocal), so the GPU kernels and this
+  reference agree bit for bit on any device.
 - P: FP8 e4m3 after shifting its maximum to 448 (done inside the attention, see ``sparse_attn_ref``).
 """
 
@@ -56,8 +58,8 @@ def quant_int8_per_block_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor,
     """
     length = x.shape[-2]
     tiles = to_blocks(x, block)
-    scale = tiles.abs().amax(dim=(-2, -1)).clamp(min=SCALE_FLOOR) / INT8_MAX
-    values = round_half_away(tiles / scale[..., None, None]).clamp(-INT8_MAX, INT8_MAX)
+    scale = tiles.abs().amax(dim=(-2, -1)).clamp(min=SCALE_FLOOR) * (1.0 / INT8_MAX)
+    values = round_half_away(tiles * torch.reciprocal(scale)[..., None, None]).clamp(-INT8_MAX, INT8_MAX)
     return values.flatten(-3, -2)[..., :length, :].to(torch.int8), scale
 
 
@@ -123,5 +125,5 @@ def quant_v_fp8_ref(v: torch.Tensor, v_amax: torch.Tensor) -> tuple[torch.Tensor
     Returns:
         v_fp8 [B, H, L, D] float8_e4m3fn and v_scale [B, H, D] fp32 (``v ~= v_fp8 * v_scale``).
     """
-    scale = v_amax.clamp(min=SCALE_FLOOR) / FP8_MAX
-    return (v.float() / scale[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
+    return (v.float() * torch.reciprocal(scale)[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale

@@ -56,7 +56,7 @@ def sla_forward(
         v_in, v_scale = v, None
     fused = None
     if linear:
-        kvw = F.pad(stats.kv @ proj_weight.float().t(), (0, DP - D, 0, DP - D)).contiguous()
+        kvw = F.pad(stats.kv @ proj_weight.float().t(), (0, DP - D, 0, DP - D)).to(torch.bfloat16).contiguous()
         ksum = F.pad(stats.ksum, (0, DP - D)).contiguous()
         bias = None if proj_bias is None else proj_bias.float().contiguous()
         fused = (q, kvw, ksum, bias)

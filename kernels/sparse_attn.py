@@ -125,11 +125,14 @@ def sparse_attn_fwd_kernel(
     if HAS_LINEAR:
         p_q = q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh + o_q.to(tl.int64)[:, None] * s_ql + o_d[None, :]
         b_phi = feature_map(tl.load(p_q, mask=m_o, other=0.0).to(tl.float32), m_d, FEATURE)
-        # [DP, DP] fp32: the linear state with proj_l folded in
-        b_kvw = tl.load(kvw + i_bh64 * DP * DP + o_d[:, None] * DP + o_d[None, :])
         b_z = tl.load(ksum + i_bh64 * DP + o_d)
         b_den = 1e-5 + tl.sum(b_phi * b_z[None, :], axis=1)
-        b_o += tl.dot(b_phi, b_kvw) / b_den[:, None]
+        # [DP, DP]: the linear state with proj_l folded in, in bf16 (fp32 accumulation)
+        b_kvw = tl.load(kvw + i_bh64 * DP * DP + o_d[:, None] * DP + o_d[None, :])
+        if IS_INTERPRET:
+            b_o += tl.dot(b_phi, b_kvw.to(tl.float32)) / b_den[:, None]
+        else:
+            b_o += tl.dot(b_phi.to(tl.bfloat16), b_kvw) / b_den[:, None]
         if HAS_BIAS:
             b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
     p_o = o + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_q.to(tl.int64)[:, None] * s_ol + o_d[None, :]
@@ -161,7 +164,7 @@ def sparse_attn_fwd(
             compute-dtype V ``[B, H, L, D]`` view (unit stride on D) with v_scale None.
         lut: [B, H, NQ, S] int32.
         out: [B, H, L, D] view of the output (any strides with unit stride on D, any float dtype).
-        linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] fp32 = ``S W^T`` padded, ksum [B, H, DP] fp32, bias [D])
+        linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, bias [D])
             to fuse the linear branch, or None.
     """
     B, H, L, D = out.shape
@@ -174,7 +177,7 @@ def sparse_attn_fwd(
     if num_warps is None:
         num_warps = 4 if block_q <= 64 else 8
     if num_stages is None:
-        num_stages = 3 if block_q * block_k <= 64 * 128 else 2
+        num_stages = 2
     sparse_attn_fwd_kernel[(NQ, B * H)](
         q_int8,
         q_scale,

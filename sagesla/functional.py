@@ -97,7 +97,10 @@ def sparse_linear_attn(
     if q.numel() == 0:
         return (out, sparsity) if return_sparsity else out
 
-    forward = backends.forward_for(backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope))
+    if pv_precision == "auto":
+        pv_precision = backends.default_pv_precision(q.device)
+    chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
+    forward = backends.forward_for(chosen)
     forward(
         *hnd,
         topk=topk,
@@ -105,7 +108,7 @@ def sparse_linear_attn(
         block_k=block_k,
         sm_scale=head_dim**-0.5 if sm_scale is None else float(sm_scale),
         quantized=quantized,
-        pv_precision=backends.default_pv_precision(q.device) if pv_precision == "auto" else pv_precision,
+        pv_precision=pv_precision,
         feature_map=feature_map,
         linear_scope=linear_scope,
         proj_weight=proj_weight,

@@ -39,6 +39,10 @@ SHAPES = [
     (1, 40, 75600, 128, "Wan2.1-14B 720p"),
 ]
 TOPKS = (0.05, 0.1, 0.2)
+# (num_warps, num_stages) of the sparse kernel tried at topk 0.05 with --sweep.
+SWEEP = ((4, 2), (4, 1), (8, 1))
+# (programs, num_warps, num_stages) of kv_stats tried with --sweep.
+KV_SWEEP = ((528, 8, 2), (528, 4, 2), (1056, 4, 2), (2112, 4, 2), (1056, 8, 3), (264, 8, 3))
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ def accuracy(h, d, topk, pv, blocks) -> tuple[float, float]:
     return metrics.rel_l1(out, ref), metrics.cosine(out, ref)
 
 
-def stages(q, k, v, topk, pv, proj, blocks):
+def stages(q, k, v, topk, pv, proj, blocks, sweep=False):
     """Median ms of each stage: prep (reductions + quantization), selection, sparse loop, sparse loop + linear."""
     w, bias = proj
     bq, bk = blocks
@@ -118,7 +122,7 @@ def stages(q, k, v, topk, pv, proj, blocks):
     lut = select_blocks(qk.q_pool, qk.k_pool, topk)
     v_in, v_scale = quant_v_fp8(v, st.v_amax, qk.k_int8.shape[2]) if pv_fp8 else (v, None)
     out = torch.empty_like(q)
-    kvw = (st.kv @ w.t()).contiguous()
+    kvw = (st.kv @ w.t()).to(torch.bfloat16).contiguous()
     lin = (q, kvw, st.ksum.contiguous(), bias)
 
     def prep():
@@ -127,8 +131,11 @@ def stages(q, k, v, topk, pv, proj, blocks):
         if pv_fp8:
             quant_v_fp8(v, s.v_amax, qk.k_int8.shape[2])
 
-    return {
+    times = {
         "prep": bench(prep),
+        "kv_stats": bench(lambda: kv_stats(k, v, pv_fp8, "softmax")),
+        "quant_qk": bench(lambda: quant_qk(q, k, bq, bk, d**-0.5 * LOG2E, st.k_mean)),
+        "quant_v": bench(lambda: quant_v_fp8(v, st.v_amax, qk.k_int8.shape[2])) if pv_fp8 else 0.0,
         "select": bench(lambda: select_blocks(qk.q_pool, qk.k_pool, topk)),
         "sparse": bench(
             lambda: sparse_attn_fwd(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_in, v_scale, lut, bq, bk, out)
@@ -139,9 +146,35 @@ def stages(q, k, v, topk, pv, proj, blocks):
             )
         ),
     }
+    if sweep:
+        for programs, warps, stages_ in KV_SWEEP:
+            times[f"kv_stats p{programs}w{warps}s{stages_}"] = bench(
+                lambda programs=programs, warps=warps, stages_=stages_: kv_stats(
+                    k, v, pv_fp8, "softmax", programs=programs, num_warps=warps, num_stages=stages_
+                )
+            )
+        for warps, stages_ in SWEEP:
+            times[f"sparse+linear w{warps}s{stages_}"] = bench(
+                lambda warps=warps, stages_=stages_: sparse_attn_fwd(
+                    qk.q_int8,
+                    qk.q_scale,
+                    qk.k_int8,
+                    qk.k_scale,
+                    v_in,
+                    v_scale,
+                    lut,
+                    bq,
+                    bk,
+                    out,
+                    linear=lin,
+                    num_warps=warps,
+                    num_stages=stages_,
+                )
+            )
+    return times
 
 
-def bench_shape(b, h, l, d, name, blocks, sage) -> tuple[list[Row], list[dict]]:
+def bench_shape(b, h, l, d, name, blocks, sage, sweep) -> tuple[list[Row], list[dict]]:
     """Dense baselines once, then ours at each topk and P.V precision, with accuracy and stage times."""
     shape = f"B{b} H{h} L{l} D{d} ({name})"
     flops = 4 * b * h * l * l * d
@@ -169,7 +202,7 @@ def bench_shape(b, h, l, d, name, blocks, sage) -> tuple[list[Row], list[dict]]:
             ms = bench(lambda topk=topk, pv=pv: ours(q, k, v, topk, pv, proj, out, blocks))
             err = accuracy(h, d, topk, pv, blocks) if b * h * l <= 16 * 2 * 32760 else (None, None)
             rows.append(Row(shape, topk, f"SageSLA ours (P.V {pv})", ms, flops / ms / 1e9, best / ms, *err))
-            st = stages(q, k, v, topk, pv, proj, blocks)
+            st = stages(q, k, v, topk, pv, proj, blocks, sweep=sweep and topk == TOPKS[0])
             kernel_ms = st["sparse+linear"]
             rows.append(
                 Row(shape, topk, f"  kernel only (P.V {pv})", kernel_ms, flops / kernel_ms / 1e9, best / kernel_ms)
@@ -183,6 +216,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="first shape only")
     parser.add_argument("--blocks", default="64x128", help="BQxBK of ours")
+    parser.add_argument("--sweep", action="store_true", help="also time the sparse kernel's warps/stages options")
     args = parser.parse_args()
     blocks = tuple(int(x) for x in args.blocks.split("x"))
     gpu = torch.cuda.get_device_name()
@@ -200,7 +234,7 @@ def main() -> None:
     rows: list[Row] = []
     stage_rows: list[dict] = []
     for b, h, l, d, name in SHAPES[:1] if args.quick else SHAPES:
-        shape_rows, shape_stages = bench_shape(b, h, l, d, name, blocks, sage)
+        shape_rows, shape_stages = bench_shape(b, h, l, d, name, blocks, sage, args.sweep)
         rows += shape_rows
         stage_rows += shape_stages
         torch.cuda.empty_cache()
@@ -222,7 +256,20 @@ def main() -> None:
         ],
     )
     stage_table = markdown_table(
-        ["shape", "topk", "P.V", "total ms", "prep", "select", "sparse loop", "sparse+linear", "non-loop share"],
+        [
+            "shape",
+            "topk",
+            "P.V",
+            "total ms",
+            "prep",
+            "kv_stats",
+            "quant_qk",
+            "quant_v",
+            "select",
+            "sparse loop",
+            "sparse+linear",
+            "non-loop share",
+        ],
         [
             [
                 s["shape"],
@@ -230,6 +277,9 @@ def main() -> None:
                 s["pv"],
                 f"{s['total']:.3f}",
                 f"{s['prep']:.3f}",
+                f"{s['kv_stats']:.3f}",
+                f"{s['quant_qk']:.3f}",
+                f"{s['quant_v']:.3f}",
                 f"{s['select']:.3f}",
                 f"{s['sparse']:.3f}",
                 f"{s['sparse+linear']:.3f}",
@@ -238,9 +288,15 @@ def main() -> None:
             for s in stage_rows
         ],
     )
+    sweeps = [
+        f"{s['shape']} P.V {s['pv']}: " + ", ".join(f"{k.split()[-1]} {v:.3f}" for k, v in s.items() if " w" in k)
+        for s in stage_rows
+        if any(" w" in k for k in s)
+    ]
     print(table)
     print()
     print(stage_table)
+    print("\n".join(sweeps))
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{gpu.replace(' ', '-')}-attention"

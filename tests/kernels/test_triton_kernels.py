@@ -21,8 +21,10 @@ from sagesla.testing import assert_close, dense_masked_attention, expand_block_m
 HAS_CUDA = torch.cuda.is_available()
 # Kernel vs reference on identical quantized inputs and selection: P is rounded (to e4m3, relative step 2^-4, or
 # to bf16) after scaling by the running (online) row maximum instead of the final one, so the roundings differ.
-TOL_KERNEL_FP8 = 2e-2
+TOL_KERNEL_FP8 = 3e-2
 TOL_KERNEL_HALF = 4e-3
+# phi(K)^T V with phi rounded to the compute dtype (bf16: relative step 2^-8).
+TOL_KV_STATE = 5e-3
 # Whole pipeline vs float32 masked dense attention at L=8192 (the targets).
 TOL_E2E_FP8 = 4e-2
 TOL_E2E_HALF = 1.5e-2
@@ -59,7 +61,8 @@ def test_kv_stats(shape, bq, bk):
         ref = kv_stats_ref(k, v, True, feature)
         tri = kv_stats(k, v, True, feature)
         for name, r, t in zip(ref._fields, ref, tri, strict=True):
-            assert_close(f"kv_stats.{name}[{feature}]", r, t, 1e-5 if name != "kv" else 1e-3)
+            # phi(K)^T V multiplies bf16-rounded phi on the GPU.
+            assert_close(f"kv_stats.{name}[{feature}]", r, t, TOL_KV_STATE if name == "kv" else 1e-5)
 
 
 @pytest.mark.parametrize("shape,bq,bk", SHAPES)
@@ -141,18 +144,18 @@ def test_pipeline_vs_reference_same_selection(pv, feature, layout):
     d = shape[-1]
     w = torch.randn(d, d, device=q.device) * 0.1
     bias = torch.randn(d, device=q.device) * 0.1
-    kwargs = dict(
-        topk=0.3,
-        block_q=64,
-        block_k=64,
-        sm_scale=d**-0.5,
-        quantized=True,
-        pv_precision=pv,
-        feature_map=feature,
-        linear_scope="all",
-        proj_weight=w,
-        proj_bias=bias,
-    )
+    kwargs = {
+        "topk": 0.3,
+        "block_q": 64,
+        "block_k": 64,
+        "sm_scale": d**-0.5,
+        "quantized": True,
+        "pv_precision": pv,
+        "feature_map": feature,
+        "linear_scope": "all",
+        "proj_weight": w,
+        "proj_bias": bias,
+    }
     out_ref, out_tri = torch.empty_like(q), torch.full_like(q, float("nan"))
     lut_ref = sla_forward_ref(q, k, v, out=out_ref, **kwargs)
     lut_tri = sla_forward(q, k, v, out=out_tri, **kwargs)
