@@ -87,7 +87,6 @@ def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> to
         S,
         W,
         DP=DP,
-        DC=min(DP, 32),
         BQT=_BQT,
         NKP=NKP,
         num_warps=4,
