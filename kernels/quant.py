@@ -181,7 +181,7 @@ def kv_stats(
     feature_map: str | None,
     *,
     programs: int = 528,
-    num_warps: int = 8,
+    num_warps: int = 4,
     num_stages: int = 2,
 ) -> KVStats:
     """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.

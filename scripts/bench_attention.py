@@ -42,7 +42,7 @@ TOPKS = (0.05, 0.1, 0.2)
 # (num_warps, num_stages) of the sparse kernel tried at topk 0.05 with --sweep.
 SWEEP = ((4, 2), (4, 1), (8, 1))
 # (programs, num_warps, num_stages) of kv_stats tried with --sweep.
-KV_SWEEP = ((528, 8, 2), (528, 4, 2), (1056, 4, 2), (2112, 4, 2), (1056, 8, 3), (264, 8, 3))
+KV_SWEEP = ((528, 4, 2), (264, 4, 2), (528, 4, 3), (528, 2, 2))
 
 
 @dataclass(frozen=True)
