@@ -2,6 +2,9 @@
 
 import torch
 
+# Largest NK (padded to a power of two) the Triton selection holds in registers; more runs on the torch backend.
+MAX_KEY_BLOCKS = 2048
+
 
 def num_selected_blocks(topk: float, num_key_blocks: int) -> int:
     """Key blocks kept per query block: ``max(1, int(topk * NK))`` (thu-ml's rule, never zero)."""

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from sagesla.kernels.block_select_ref import MAX_KEY_BLOCKS
 from sagesla.kernels.sla_ref import sla_forward_ref
 
 logger = logging.getLogger("sagesla")
@@ -75,8 +76,8 @@ def triton_unsupported_reason(
     if not (_pow2_in(block_q, 16, 256) and _pow2_in(block_k, 32, 256)):
         return f"blocks {block_q}x{block_k}: the kernels need powers of two, BQ in [16, 256] and BK in [32, 256]"
     nk = -(-q.shape[-2] // block_k)
-    if nk > 4096:
-        return f"{nk} key blocks > 4096 (the selection kernel's limit)"
+    if nk > MAX_KEY_BLOCKS:
+        return f"{nk} key blocks > {MAX_KEY_BLOCKS} (the selection kernel's limit; use a larger block_k)"
     return None
 
 

@@ -46,6 +46,7 @@ SMALL = [
 LARGE = [
     pytest.param((1, 4, 4099, 128), 64, 128, id="B1-H4-L4099-D128-64x128", marks=pytest.mark.gpu),
     pytest.param((2, 3, 8192, 64), 128, 64, id="B2-H3-L8192-D64-128x64", marks=pytest.mark.gpu),
+    pytest.param((1, 1, 40000, 64), 64, 64, id="B1-H1-L40000-D64-625-key-blocks", marks=pytest.mark.gpu),
 ]
 SHAPES = SMALL + LARGE
 
