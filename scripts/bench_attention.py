@@ -13,6 +13,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 from dataclasses import asdict, dataclass
@@ -220,7 +221,11 @@ def main() -> None:
     args = parser.parse_args()
     blocks = tuple(int(x) for x in args.blocks.split("x"))
     gpu = torch.cuda.get_device_name()
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # The GPU machine gets the working tree without .git: gpu_check.sh passes the commit in SAGESLA_GIT_SHA.
+    sha = (
+        os.environ.get("SAGESLA_GIT_SHA")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
     header = {
         "gpu": gpu,
         "torch": torch.__version__,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install sagesla (and carried wheels), run the GPU tests, then the benchmarks.
-# Usage (device tool): bash scripts/gpu_check.sh [bench args...]; results land in $OUT (default ./out).
+# Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
+# (the sha is read here and written into the command); results land in $OUT (default ./out).
+# SKIP_TESTS=1 / SKIP_BENCH=1 skip a part.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
