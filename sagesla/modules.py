@@ -52,6 +52,9 @@ class _SLABase(nn.Module):
         self.backend = backend
         self.pv_precision = pv_precision
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
+        # (version, data pointer) of proj_l's tensors when last checked, and whether they were all zero.
+        self._proj_checked: tuple[int, ...] | None = None
+        self._proj_is_zero = False
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -59,6 +62,22 @@ class _SLABase(nn.Module):
         with torch.no_grad():
             nn.init.zeros_(self.proj_l.weight)
             nn.init.zeros_(self.proj_l.bias)
+
+    def _linear_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``proj_l``'s weight and bias, or (None, None) to skip the linear branch when they are all zero.
+
+        The zero check synchronizes once per change of the weights (tracked by their version counters, which
+        ``load_state_dict`` and in-place updates under ``torch.no_grad()`` bump), not on every call. While
+        gradients can reach ``proj_l`` the branch always runs, so training sees it.
+        """
+        weight, bias = self.proj_l.weight, self.proj_l.bias
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
+            return weight, bias
+        key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr())
+        if key != self._proj_checked:
+            self._proj_is_zero = not (bool(weight.any()) or bool(bias.any()))
+            self._proj_checked = key
+        return (None, None) if self._proj_is_zero else (weight, bias)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False
@@ -69,14 +88,15 @@ class _SLABase(nn.Module):
         """
         if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and q.shape[-1:] != (self.head_dim,):
             raise ValueError(f"`q` must have head_dim {self.head_dim} in its last dim, got shape {tuple(q.shape)}")
+        proj_weight, proj_bias = self._linear_weights()
         return sparse_linear_attn(
             q,
             k,
             v,
             topk=self.topk,
             quantized=self.quantized,
-            proj_weight=self.proj_l.weight,
-            proj_bias=self.proj_l.bias,
+            proj_weight=proj_weight,
+            proj_bias=proj_bias,
             feature_map=self.feature_map,
             linear_scope=self.linear_scope,
             block_q=self.BLKQ,

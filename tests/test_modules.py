@@ -52,3 +52,29 @@ def test_nhd_module_and_bf16_io():
     attn = sagesla.SageSparseLinearAttention(64, 0.5, tensor_layout="NHD")
     o = attn(q, k, v)
     assert o.shape == q.shape and o.dtype == torch.bfloat16
+
+
+def test_zero_proj_l_skips_the_linear_branch_until_weights_change(monkeypatch):
+    import sagesla.modules as modules
+
+    seen = []
+    real = modules.sparse_linear_attn
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["proj_weight"] is not None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modules, "sparse_linear_attn", spy)
+    q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
+    attn = sagesla.SageSparseLinearAttention(64, 0.5)
+    with torch.no_grad():
+        skipped = attn(q, k, v)
+        attn.load_state_dict({"proj_l.weight": torch.eye(64), "proj_l.bias": torch.zeros(64)})
+        with_linear = attn(q, k, v)
+        attn.proj_l.weight.zero_()
+        skipped_again = attn(q, k, v)
+    trained = attn(q, k, v)  # gradients enabled: the branch runs so proj_l can learn
+    assert seen == [False, True, False, True]
+    assert (with_linear - skipped).abs().max() > 1e-2
+    torch.testing.assert_close(skipped_again, skipped)
+    torch.testing.assert_close(trained, skipped)
