@@ -42,3 +42,38 @@ def dense_masked_attention(
     if token_mask is not None:
         scores = scores.masked_fill(~token_mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+def sla_dense_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    proj_weight: torch.Tensor,
+    proj_bias: torch.Tensor,
+    feature_map: str = "softmax",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """SLA computed densely: softmax attention masked to ``lut``'s blocks plus ``proj_l`` of the linear branch.
+
+    q, k, v: [B, H, L, D]; lut: [B, H, NQ, S]. One head at a time, so only one [L, L] score matrix is alive.
+    Returns [B, H, L, D] in ``dtype``.
+    """
+    from sagesla.kernels.block_select_ref import lut_to_mask
+    from sagesla.kernels.linear_attn_ref import linear_attn_ref
+
+    length = q.shape[-2]
+    mask = lut_to_mask(lut, -(-length // block_k))
+    heads = [
+        dense_masked_attention(
+            q[:, h : h + 1],
+            k[:, h : h + 1],
+            v[:, h : h + 1],
+            expand_block_mask(mask[:, h : h + 1], length, block_q, block_k),
+            dtype=dtype,
+        )
+        for h in range(q.shape[1])
+    ]
+    return torch.cat(heads, dim=1) + linear_attn_ref(q, k, v, feature_map, proj_weight, proj_bias).to(dtype)

@@ -25,14 +25,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sagesla import metrics
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.block_select_ref import lut_to_mask
-from sagesla.kernels.linear_attn_ref import linear_attn_ref
 from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
 from sagesla.tables import markdown_table
-from sagesla.testing import dense_masked_attention, expand_block_mask
+from sagesla.testing import sla_dense_reference
 
 SHAPES = [
     (1, 12, 32760, 128, "Wan2.1-1.3B 480p"),
@@ -98,17 +96,7 @@ def accuracy(h, d, topk, pv, blocks) -> tuple[float, float]:
     bias = torch.randn(d, device="cuda") * 0.02
     out = torch.empty_like(q)
     lut = ours(q, k, v, topk, pv, (w, bias), out, blocks)
-    mask = expand_block_mask(lut_to_mask(lut, -(-8192 // blocks[1])), 8192, *blocks)
-    ref = torch.cat(
-        [
-            dense_masked_attention(
-                q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], mask[:, i : i + 1], dtype=torch.float32
-            )
-            for i in range(h)
-        ],
-        dim=1,
-    )
-    ref = ref + linear_attn_ref(q, k, v, "softmax", w, bias)
+    ref = sla_dense_reference(q, k, v, lut, *blocks, w, bias)
     return metrics.rel_l1(out, ref), metrics.cosine(out, ref)
 
 

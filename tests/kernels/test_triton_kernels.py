@@ -9,14 +9,14 @@ import torch
 
 from sagesla import metrics
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
+from sagesla.kernels.block_select_ref import select_blocks_ref
 from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
 from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sla_ref import sla_forward_ref
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
 from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref
-from sagesla.testing import assert_close, dense_masked_attention, expand_block_mask
+from sagesla.testing import assert_close, sla_dense_reference
 
 HAS_CUDA = torch.cuda.is_available()
 # Kernel vs reference on identical quantized inputs and selection: P is rounded (to e4m3, relative step 2^-4, or
@@ -190,18 +190,6 @@ def test_pipeline_vs_float32_dense_masked(pv, tol, topk):
         proj_bias=bias,
         out=out,
     )
-    mask = expand_block_mask(lut_to_mask(lut, 64), 8192, 64, 128)
-    ref = torch.cat(
-        [
-            dense_masked_attention(
-                q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], mask[:, i : i + 1], dtype=torch.float32
-            )
-            for i in range(12)
-        ],
-        dim=1,
-    )
-    from sagesla.kernels.linear_attn_ref import linear_attn_ref
-
-    ref = ref + linear_attn_ref(q, k, v, "softmax", w, bias)
+    ref = sla_dense_reference(q, k, v, lut, 64, 128, w, bias)
     assert_close(f"SageSLA[{pv}] vs fp32 dense-masked", ref, out.float(), tol)
     assert metrics.cosine(out, ref) > 0.999
