@@ -44,3 +44,15 @@ def fp8e4m3_round_interpret(x):
     is_odd_tie = (nearest - steps == 0.5) & (nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0)
     y = tl.where(is_odd_tie, nearest - 1.0, nearest) * quantum
     return tl.where(x < 0, -1.0, 1.0) * tl.minimum(y, 448.0)
+
+
+@triton.jit
+def head_base(x, i_bh, H, s_b, s_h):
+    """Pointer to row 0 of head ``i_bh`` (= b * H + h) of a strided [B, H, L, D] view; 64-bit offsets."""
+    return x + (i_bh // H).to(tl.int64) * s_b + (i_bh % H).to(tl.int64) * s_h
+
+
+@triton.jit
+def tile_ptrs(base, o_t, s_l, o_d):
+    """Pointers [len(o_t), len(o_d)] to rows ``o_t`` (stride ``s_l``) and unit-stride columns ``o_d`` of ``base``."""
+    return base + o_t.to(tl.int64)[:, None] * s_l + o_d[None, :]

@@ -15,7 +15,9 @@ from sagesla.kernels._triton_utils import (
     IS_INTERPRET,
     feature_map,
     fp8e4m3_round_interpret,
+    head_base,
     padded_head_dim,
+    tile_ptrs,
 )
 from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, KVStats, QKQuant
 
@@ -46,12 +48,11 @@ def quant_block_kernel(
 ):
     """One block of BLK rows: subtract the token mean (K), pool, scale by ``mult``, INT8 with one scale."""
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
     o_t = i_n * BLK + tl.arange(0, BLK)
     o_d = tl.arange(0, DP)
     m_t, m_d = o_t < L, o_d < D
     m_x = m_t[:, None] & m_d[None, :]
-    p_x = x + i_b.to(tl.int64) * s_xb + i_h.to(tl.int64) * s_xh + o_t.to(tl.int64)[:, None] * s_xl + o_d[None, :]
+    p_x = tile_ptrs(head_base(x, i_bh, H, s_xb, s_xh), o_t, s_xl, o_d)
     # [BLK, DP]
     b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
     if HAS_MEAN:
@@ -95,11 +96,10 @@ def kv_stats_kernel(
 ):
     """Partial reductions over one chunk of tokens: sum of K, max |V| per channel, phi(K)^T V, sum phi(K)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, DP)
     m_d = o_d < D
-    p_k = k + i_b.to(tl.int64) * s_kb + i_h.to(tl.int64) * s_kh
-    p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+    p_k = head_base(k, i_bh, H, s_kb, s_kh)
+    p_v = head_base(v, i_bh, H, s_vb, s_vh)
     b_sum = tl.zeros([DP], dtype=tl.float32)
     b_amax = tl.zeros([DP], dtype=tl.float32)
     b_ksum = tl.zeros([DP], dtype=tl.float32)
@@ -111,11 +111,11 @@ def kv_stats_kernel(
         m_t = o_t < L
         m_x = m_t[:, None] & m_d[None, :]
         # [BT, DP]
-        b_k = tl.load(p_k + o_t.to(tl.int64)[:, None] * s_kl + o_d[None, :], mask=m_x, other=0.0)
+        b_k = tl.load(tile_ptrs(p_k, o_t, s_kl, o_d), mask=m_x, other=0.0)
         b_kf = b_k.to(tl.float32)
         b_sum += tl.sum(b_kf, axis=0)
         if V_AMAX or HAS_LINEAR:
-            b_v = tl.load(p_v + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :], mask=m_x, other=0.0)
+            b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
             if V_AMAX:
                 b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v.to(tl.float32)), axis=0))
             if HAS_LINEAR:
@@ -152,11 +152,10 @@ def quant_v_fp8_kernel(
 ):
     """V / v_scale to FP8 e4m3, written transposed: v_fp8t [B*H, DP, LP]."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
     o_t = i_t * BT + tl.arange(0, BT)
     o_d = tl.arange(0, DP)
     m_x = (o_t < L)[:, None] & (o_d < D)[None, :]
-    p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :]
+    p_v = tile_ptrs(head_base(v, i_bh, H, s_vb, s_vh), o_t, s_vl, o_d)
     # [BT, DP]
     b_v = tl.load(p_v, mask=m_x, other=0.0).to(tl.float32)
     b_inv = tl.math.div_rn(1.0, tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0))

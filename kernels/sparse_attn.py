@@ -16,7 +16,9 @@ from sagesla.kernels._triton_utils import (
     IS_INTERPRET,
     feature_map,
     fp8e4m3_round_interpret,
+    head_base,
     padded_head_dim,
+    tile_ptrs,
 )
 
 # log2(448) rounded down: exp2 of it stays below the e4m3 maximum, so P never saturates.
@@ -64,7 +66,6 @@ def sparse_attn_fwd_kernel(
     IS_INTERPRET: tl.constexpr,
 ):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
     i_bh64 = i_bh.to(tl.int64)
     o_q = i_q * BQ + tl.arange(0, BQ)
     o_k = tl.arange(0, BK)
@@ -79,7 +80,7 @@ def sparse_attn_fwd_kernel(
     if PV_FP8:
         p_v = v + i_bh64 * DP * LP
     else:
-        p_v = v + i_b.to(tl.int64) * s_vb + i_h.to(tl.int64) * s_vh
+        p_v = head_base(v, i_bh, H, s_vb, s_vh)
 
     b_m = tl.full([BQ], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BQ], dtype=tl.float32)
@@ -110,9 +111,7 @@ def sparse_attn_fwd_kernel(
             b_acc = tl.dot(b_p.to(b_vt.dtype), tl.trans(b_vt), b_acc)
         else:
             # [BK, DP] in the compute dtype
-            b_v = tl.load(
-                p_v + o_t.to(tl.int64)[:, None] * s_vl + o_d[None, :], mask=(o_t < L)[:, None] & m_d[None, :], other=0.0
-            )
+            b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=(o_t < L)[:, None] & m_d[None, :], other=0.0)
             if IS_INTERPRET:
                 b_acc = tl.dot(b_p.to(b_v.dtype).to(tl.float32), b_v.to(tl.float32), b_acc)
             else:
@@ -123,7 +122,7 @@ def sparse_attn_fwd_kernel(
         b_o = b_o * tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)[None, :]
     m_o = (o_q < L)[:, None] & m_d[None, :]
     if HAS_LINEAR:
-        p_q = q + i_b.to(tl.int64) * s_qb + i_h.to(tl.int64) * s_qh + o_q.to(tl.int64)[:, None] * s_ql + o_d[None, :]
+        p_q = tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d)
         b_phi = feature_map(tl.load(p_q, mask=m_o, other=0.0).to(tl.float32), m_d, FEATURE)
         b_z = tl.load(ksum + i_bh64 * DP + o_d)
         b_den = 1e-5 + tl.sum(b_phi * b_z[None, :], axis=1)
@@ -135,7 +134,7 @@ def sparse_attn_fwd_kernel(
             b_o += tl.dot(b_phi.to(tl.bfloat16), b_kvw) / b_den[:, None]
         if HAS_BIAS:
             b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
-    p_o = o + i_b.to(tl.int64) * s_ob + i_h.to(tl.int64) * s_oh + o_q.to(tl.int64)[:, None] * s_ol + o_d[None, :]
+    p_o = tile_ptrs(head_base(o, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_o)
 
 

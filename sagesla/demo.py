@@ -67,7 +67,7 @@ def run_attention_demo(
     errors = metrics.rel_l1(dense_half, dense), metrics.cosine(dense_half, dense)
     rows = [DemoRow("dense (SDPA)", "torch", None, 0.0, *errors, ms)]
     block_q, block_k = backends.default_block_sizes(dev)
-    backend = backends.resolve_backend("auto", q, block_q, block_k, True, "all")
+    backend = backends.resolve_backend("auto", q, block_q, block_k, True, "all", backends.default_pv_precision(dev))
     for topk in topks:
 
         def call(topk=topk):
