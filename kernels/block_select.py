@@ -1,7 +1,8 @@
 """Triton block selection: top-S key blocks per query block from the pooled scores, straight into the look-up table.
 
-Twin of ``block_select_ref.select_blocks_ref``. S rounds of arg-max pick the blocks (ties to the lower index);
-a prefix sum over the chosen flags writes them in ascending order. No host synchronisation.
+Twin of ``block_select_ref.select_blocks_ref``. A bitwise radix search finds each row's S-th largest score in 32
+counting rounds, whatever S is; blocks above it are kept, ties at it go to the lowest indices, and a prefix sum
+over the kept flags writes them in ascending order. No host synchronisation.
 """
 
 import torch
@@ -10,8 +11,12 @@ import triton.language as tl
 
 from sagesla.kernels.block_select_ref import MAX_KEY_BLOCKS, num_selected_blocks
 
-# Query blocks one program ranks; its pooled-score tile is [BQT, NKP] fp32.
-_BQT = 16
+
+@triton.jit
+def _order_preserving_int(x):
+    """fp32 -> int32 whose signed order is the float order (-0.0 just below +0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @triton.jit
@@ -27,23 +32,31 @@ def select_blocks_kernel(
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     o_i = i_t * BQT + tl.arange(0, BQT)
     o_j = tl.arange(0, NKP)
+    m_j = (o_j < NK)[None, :]
     # [BQT, NKP] pooled scores of BQT query blocks
     b_s = tl.load(
         scores + (i_bh.to(tl.int64) * NQ + o_i[:, None]) * NK + o_j[None, :],
-        mask=(o_i < NQ)[:, None] & (o_j < NK)[None, :],
+        mask=(o_i < NQ)[:, None] & m_j,
         other=float("-inf"),
     )
-    # NaN ranks last; -inf marks padding and blocks already taken.
+    # NaN ranks below every real score, -inf padding below that: S <= NK real blocks always win.
     b_s = tl.where(b_s == b_s, tl.minimum(tl.maximum(b_s, -3.0e38), 3.0e38), -3.0e38)
-    b_s = tl.where((o_j < NK)[None, :], b_s, float("-inf"))
-    b_sel = tl.zeros([BQT, NKP], dtype=tl.int32)
-    for _ in tl.range(0, S):
-        b_hit = o_j[None, :] == tl.argmax(b_s, axis=1)[:, None]
-        b_sel = tl.where(b_hit, 1, b_sel)
-        b_s = tl.where(b_hit, float("-inf"), b_s)
-    b_pos = tl.cumsum(b_sel, axis=1) - 1
+    b_key = _order_preserving_int(tl.where(m_j, b_s, float("-inf")))
+    # T = max{t : #(key >= t) >= S}, decided bit by bit from the top (sign bit first: is T >= 0?).
+    b_t = tl.full([BQT], -2147483648, dtype=tl.int32)
+    b_n = tl.sum((b_key >= 0).to(tl.int32), axis=1)
+    b_t = tl.where(b_n >= S, 0, b_t)
+    for bit in tl.static_range(30, -1, -1):
+        b_cand = b_t + (1 << bit)
+        b_n = tl.sum((b_key >= b_cand[:, None]).to(tl.int32), axis=1)
+        b_t = tl.where(b_n >= S, b_cand, b_t)
+    b_above = b_key > b_t[:, None]
+    b_tie = b_key == b_t[:, None]
+    b_room = S - tl.sum(b_above.to(tl.int32), axis=1)
+    b_sel = b_above | (b_tie & (tl.cumsum(b_tie.to(tl.int32), axis=1) <= b_room[:, None]))
+    b_pos = tl.cumsum(b_sel.to(tl.int32), axis=1) - 1
     p_lut = lut + (i_bh.to(tl.int64) * NQ + o_i[:, None]) * S + b_pos
-    tl.store(p_lut, tl.broadcast_to(o_j[None, :], [BQT, NKP]), mask=(b_sel == 1) & (o_i < NQ)[:, None])
+    tl.store(p_lut, tl.broadcast_to(o_j[None, :], [BQT, NKP]), mask=b_sel & (o_i < NQ)[:, None])
 
 
 def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> torch.Tensor:
@@ -64,9 +77,9 @@ def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> to
     NKP = max(16, triton.next_power_of_2(NK))
     if NKP > MAX_KEY_BLOCKS:
         raise NotImplementedError(f"select_blocks: {NK} key blocks exceed the kernel's {MAX_KEY_BLOCKS}")
+    # Measured on an H100 (benchmarks/README.md): 8 rows on 4 warps up to 256 key blocks, then one row on 2 warps.
+    rows, warps = (8, 4) if NKP <= 256 else (1, 2)
     scores = (q_pool @ k_pool.transpose(-1, -2)).contiguous()
     lut = torch.empty(B, H, NQ, S, device=q_pool.device, dtype=torch.int32)
-    select_blocks_kernel[(triton.cdiv(NQ, _BQT), B * H)](
-        scores, lut, NQ, NK, S, BQT=_BQT, NKP=NKP, num_warps=4 if NKP <= 512 else 8
-    )
+    select_blocks_kernel[(triton.cdiv(NQ, rows), B * H)](scores, lut, NQ, NK, S, BQT=rows, NKP=NKP, num_warps=warps)
     return lut

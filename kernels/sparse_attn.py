@@ -176,7 +176,7 @@ def sparse_attn_fwd(
     if num_warps is None:
         num_warps = 4 if block_q <= 64 else 8
     if num_stages is None:
-        num_stages = 2
+        num_stages = 3
     sparse_attn_fwd_kernel[(NQ, B * H)](
         q_int8,
         q_scale,

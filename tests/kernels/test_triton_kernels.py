@@ -107,6 +107,19 @@ def test_select_blocks_equal(shape, bq, bk, topk):
     assert torch.equal(tri, ref)
 
 
+def test_select_blocks_ties_negatives_and_nan():
+    """Exact ties go to the lowest indices; negative scores rank by value; NaN scores rank last."""
+    device = _device((1, 1, 64, 64))
+    # key-block scores against a unit query: ties at 2.0 (blocks 1, 4, 6), negatives, one NaN.
+    values = torch.tensor([-1.0, 2.0, -0.5, float("nan"), 2.0, -3.0, 2.0, 0.0, -0.0, 1.0])
+    q_pool = torch.ones(1, 1, 3, 1, device=device)
+    k_pool = values.view(1, 1, -1, 1).to(device)
+    expected = {1: [1], 3: [1, 4, 6], 4: [1, 4, 6, 9], 6: [1, 4, 6, 7, 8, 9], 9: [0, 1, 2, 4, 5, 6, 7, 8, 9]}
+    for count, blocks in expected.items():
+        lut = select_blocks(q_pool, k_pool, count / values.numel())
+        assert lut.tolist() == [[[blocks] * 3]], count
+
+
 def _sparse_case(shape, bq, bk, topk, pv):
     q, k, v = _qkv(shape, _device(shape))
     d = shape[-1]
