@@ -12,11 +12,9 @@ from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv
 
 from sagesla import backends, validation
 from sagesla.functional import resolve_block_sizes
+from sagesla.patching.checkpoints import SLA_ATTRIBUTE
 
 logger = logging.getLogger("sagesla")
-
-# The attribute of a patched layer holding its SLA module (so its keys read ``...attn1.sla.proj_l.weight``).
-SLA_ATTRIBUTE = "sla"
 
 
 def is_self_attention(module: torch.nn.Module) -> bool:
