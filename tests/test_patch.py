@@ -286,11 +286,11 @@ def test_bad_arguments(tiny_wan, kwargs, error, message):
     "target,message",
     [
         (object(), r"`model_or_pipeline` must be a diffusers Wan model .* got object"),
-        (torch.nn.Linear(2, 2), r"`model_or_pipeline` model must be a diffusers model built of WanAttention"),
+        (torch.nn.Linear(2, 2), r"`model_or_pipeline` must be a diffusers model built of WanAttention .*got Linear"),
         (types.SimpleNamespace(transformer="x"), r"`model_or_pipeline.transformer` must be a torch.nn.Module, got str"),
         (
             types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)),
-            r"`model_or_pipeline` transformer. must be a diffusers model built of WanAttention layers .*got Linear",
+            r"`model_or_pipeline.transformer` must be a diffusers model built of WanAttention layers .*got Linear",
         ),
     ],
     ids=["object", "linear", "pipeline-str", "pipeline-linear"],

@@ -84,6 +84,29 @@ def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | Non
     return {name: validation.check_topk(profile[name], name=f"profile[{name!r}]") for name in names}
 
 
+def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[str], dict[str, str]]:
+    """(layers to patch as (prefix, model, name, module), every self-attention layer name, {skipped: reason})."""
+    targets, self_attention, skipped = [], [], {}
+    for prefix, model in components:
+        layers = [(name, module) for name, module in model.named_modules() if isinstance(module, wan.WanAttention)]
+        if not layers or not hasattr(model, "set_attn_processor"):
+            where = f"`model_or_pipeline.{prefix[:-1]}`" if prefix else "`model_or_pipeline`"
+            raise TypeError(
+                f"{where} must be a diffusers model built of WanAttention layers (e.g. WanTransformer3DModel), "
+                f"got {type(model).__name__}"
+            )
+        for name, module in layers:
+            if not wan.is_self_attention(module):
+                skipped[prefix + name] = "cross-attention (text/image keys) stays dense"
+                continue
+            self_attention.append(prefix + name)
+            if isinstance(module.processor, wan.SLAWanAttnProcessor):
+                skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
+            else:
+                targets.append((prefix, model, name, module))
+    return targets, self_attention, skipped
+
+
 def patch(
     model_or_pipeline: object,
     *,
@@ -132,50 +155,33 @@ def patch(
     _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite)
     components = _components(model_or_pipeline)
     wan = _wan()
-    targets: list[tuple[int, str, nn.Module]] = []
-    self_attention: list[str] = []
-    skipped: dict[str, str] = {}
-    for index, (prefix, model) in enumerate(components):
-        layers = [(name, module) for name, module in model.named_modules() if isinstance(module, wan.WanAttention)]
-        if not layers or not hasattr(model, "set_attn_processor"):
-            raise TypeError(
-                f"`model_or_pipeline` {prefix or 'model'} must be a diffusers model built of WanAttention layers "
-                f"(e.g. WanTransformer3DModel), got {type(model).__name__}"
-            )
-        for name, module in layers:
-            if not wan.is_self_attention(module):
-                skipped[prefix + name] = "cross-attention (text/image keys) stays dense"
-                continue
-            self_attention.append(prefix + name)
-            if isinstance(module.processor, wan.SLAWanAttnProcessor):
-                skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
-            else:
-                targets.append((index, name, module))
+    targets, self_attention, skipped = _survey(components, wan)
     topks = _topk_per_layer(self_attention, topk, profile)
 
     # Build everything first, so a failure leaves the model untouched.
     attention = SageSparseLinearAttention if quantized else SparseLinearAttention
     blocks = {key: value for key, value in (("BLKQ", block_q), ("BLKK", block_k)) if value is not None}
-    replaced: dict[str, float] = {}
+    replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
     installs = []
-    for index, name, module in targets:
-        full_name = components[index][0] + name
-        replaced[full_name] = topks[full_name]
+    for prefix, model, name, module in targets:
         sla = attention(
             module.inner_dim // module.heads,
-            replaced[full_name],
+            replaced[prefix + name],
             feature_map,
             **blocks,
             linear_scope=linear_scope,
             tensor_layout="NHD",
             backend=backend,
         ).to(next(module.parameters()).device)
-        installs.append((index, name, module, sla, wan.SLAWanAttnProcessor(module.processor, full_name, check_finite)))
-    processors: list[dict[str, object]] = [{} for _ in components]
-    for index, name, module, sla, processor in installs:
-        setattr(module, wan.SLA_ATTRIBUTE, sla)
-        processors[index][name] = processor
-    for (_, model), chosen in zip(components, processors, strict=True):
+        installs.append(
+            (model, name, module, sla, wan.SLAWanAttnProcessor(module.processor, prefix + name, check_finite))
+        )
+    for _, model in components:
+        chosen = {}
+        for owner, name, module, sla, processor in installs:
+            if owner is model:
+                setattr(module, wan.SLA_ATTRIBUTE, sla)
+                chosen[name] = processor
         if chosen:
             _set_processors(model, chosen)
     return PatchReport(attention=attention.__name__, backend=backend, replaced=replaced, skipped=skipped)
