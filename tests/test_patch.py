@@ -145,6 +145,32 @@ def test_dense_fallback_when_forced_triton_cannot_serve(tiny_wan, caplog, monkey
     assert "backend='triton' cannot serve it: the kernels need CUDA tensors, got cpu" in caplog.records[0].getMessage()
 
 
+def test_dense_fallback_for_head_dim_triton_cannot_serve(monkeypatch, caplog):
+    from diffusers import WanTransformer3DModel
+
+    from sagesla.testing import TINY_WAN_CONFIG
+
+    # Under the interpreter CPU tensors are fine for Triton, so the head_dim limit is what stops it.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = WanTransformer3DModel(**{**TINY_WAN_CONFIG, "attention_head_dim": 320}).eval()
+    inputs = wan_inputs()
+    ref = run_wan(model, inputs)
+    sagesla.patch(model, topk=0.5, backend="triton")
+    with caplog.at_level(logging.WARNING, logger="sagesla"):
+        assert torch.equal(run_wan(model, inputs), ref)
+    assert caplog.records[0].getMessage().endswith("backend='triton' cannot serve it: head_dim 320 > 256")
+
+
+def test_context_parallel_calls_fall_back(tiny_wan):
+    sagesla.patch(tiny_wan, topk=0.5)
+    processor = tiny_wan.blocks[0].attn1.processor
+    q = k = v = torch.randn(1, 256, 2, 64)
+    assert processor._fallback_reason(tiny_wan.blocks[0].attn1.sla, q, k, v, None) is None
+    processor._parallel_config = object()
+    assert processor.original._parallel_config is processor._parallel_config
+    assert processor._fallback_reason(tiny_wan.blocks[0].attn1.sla, q, k, v, None).startswith("context parallelism")
+
+
 def test_dense_fallback_for_float64(tiny_wan):
     tiny_wan.double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in wan_inputs())
