@@ -11,6 +11,14 @@ from sagesla.kernels.block_select_ref import num_selected_blocks
 SLA_BLOCK_SIZES = (64, 64)
 
 
+def resolve_block_sizes(
+    quantized: bool, device: torch.device, block_q: int | None = None, block_k: int | None = None
+) -> tuple[int, int]:
+    """(BQ, BK) a call uses: the given sizes, else 64 x 64 unquantized and the per-device default quantized."""
+    default_q, default_k = backends.default_block_sizes(device) if quantized else SLA_BLOCK_SIZES
+    return (default_q if block_q is None else block_q, default_k if block_k is None else block_k)
+
+
 def sparse_linear_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,9 +88,7 @@ def sparse_linear_attn(
         validation.check_proj(proj_weight, proj_bias, q.shape[-1], q.device)
     hnd = [x if tensor_layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
     length, head_dim = hnd[0].shape[-2:]
-    default_q, default_k = backends.default_block_sizes(q.device) if quantized else SLA_BLOCK_SIZES
-    block_q = default_q if block_q is None else block_q
-    block_k = default_k if block_k is None else block_k
+    block_q, block_k = resolve_block_sizes(quantized, q.device, block_q, block_k)
     if not compiling:
         validation.check_block_size("block_q", block_q)
         validation.check_block_size("block_k", block_k)

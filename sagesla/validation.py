@@ -24,13 +24,18 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
 
 
-def check_topk(topk: object) -> float:
-    """topk must be a real number in (0, 1]."""
+def check_topk(topk: object, name: str = "topk") -> float:
+    """topk must be a real number in (0, 1]; ``name`` is how the error names the argument."""
     if isinstance(topk, bool) or not isinstance(topk, (int, float)):
-        raise TypeError(f"`topk` must be a float in (0, 1], got {type(topk).__name__} {topk!r}")
+        raise TypeError(f"`{name}` must be a float in (0, 1], got {type(topk).__name__} {topk!r}")
     if not (0.0 < float(topk) <= 1.0):
-        raise ValueError(f"`topk` must be in (0, 1] (the fraction of key blocks kept), got {topk!r}")
+        raise ValueError(f"`{name}` must be in (0, 1] (the fraction of key blocks kept), got {topk!r}")
     return float(topk)
+
+
+def check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_block_size(name: str, value: object) -> None:

@@ -28,3 +28,12 @@ def _seed() -> None:
 @pytest.fixture
 def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def tiny_wan() -> torch.nn.Module:
+    """A freshly built tiny diffusers ``WanTransformer3DModel`` (skips without diffusers)."""
+    pytest.importorskip("diffusers")
+    from sagesla.testing import tiny_wan_transformer
+
+    return tiny_wan_transformer()

@@ -1,4 +1,4 @@
-"""Packaging promises: no top-level `kernels` package, no triton import at `import sagesla`."""
+"""Packaging promises: no top-level `kernels` package, no triton or diffusers import at `import sagesla`."""
 
 import importlib.util
 import pathlib
@@ -17,10 +17,10 @@ def test_kernels_installs_under_sagesla_only():
     assert spec is None or pathlib.Path(spec.origin).parent.resolve() != ours
 
 
-def test_import_does_not_pull_triton():
-    code = "import sys, sagesla; print('triton' in sys.modules)"
+def test_import_does_not_pull_triton_or_diffusers():
+    code = "import sys, sagesla; print('triton' in sys.modules, 'diffusers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 def test_public_api():

@@ -1,0 +1,11 @@
+"""Patching trained models: SLA in place of the self-attention of diffusers Wan models, and SLA checkpoints.
+
+``patch`` / ``unpatch`` import diffusers when called (it is optional: ``pip install 'sagesla[diffusers]'``);
+importing this package does not.
+"""
+
+from sagesla.patching.checkpoints import LoadReport, load_sla_weights, save_sla_weights
+from sagesla.patching.patch import patch, unpatch
+from sagesla.patching.report import PatchReport
+
+__all__ = ["LoadReport", "PatchReport", "load_sla_weights", "patch", "save_sla_weights", "unpatch"]

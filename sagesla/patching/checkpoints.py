@@ -1,0 +1,206 @@
+"""SLA weights (each SLA layer's ``proj_l``) in and out of a patched model, in our key scheme or TurboDiffusion's.
+
+Keys: ours are the model's own state-dict names, ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and
+``blocks.{i}.attn1.sla.proj_l.bias`` [D] for a Wan model. TurboDiffusion's
+``[net.]blocks.{i}.self_attn.attn_op.local_attn.proj_l.{weight,bias}`` name the same tensors of block i.
+"""
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sagesla import validation
+from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
+
+# The attribute of a patched layer holding its SLA module (so its keys read ``...attn1.sla.proj_l.weight``).
+SLA_ATTRIBUTE = "sla"
+# The metadata ``save_sla_weights`` writes into its safetensors files.
+METADATA = {"format": "sagesla.sla_weights", "schema_version": "1"}
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+_PROJ_L_KEY = re.compile(r"(^|\.)proj_l\.(weight|bias)$")
+_TURBO_KEY = re.compile(r"^(?:net\.)?blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What ``load_sla_weights`` did.
+
+    Attributes:
+        source: where the weights came from.
+        loaded: the model's keys that received a tensor.
+        missing: the model's SLA keys the checkpoint lacks (left as they were).
+        unexpected: the checkpoint's ``proj_l`` keys that match no SLA layer of the model (not loaded).
+        ignored: how many other keys (not ``proj_l``: the rest of a full model checkpoint) were skipped.
+    """
+
+    source: str
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    ignored: int
+
+    def __str__(self) -> str:
+        return (
+            f"load_sla_weights: {len(self.loaded)} tensor(s) from {self.source}; missing {self.missing}, "
+            f"unexpected {self.unexpected}, {self.ignored} other key(s) ignored"
+        )
+
+
+def sla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """State-dict key -> parameter for the ``proj_l`` of every SLA module inside ``model``."""
+    return {
+        f"{name}.{key}": parameter
+        for name, module in model.named_modules()
+        if isinstance(module, (SparseLinearAttention, SageSparseLinearAttention))
+        for key, parameter in module.proj_l.named_parameters(prefix="proj_l")
+    }
+
+
+def _model_key(key: str) -> str:
+    """A checkpoint key in our scheme (TurboDiffusion's keys translated)."""
+    turbo = _TURBO_KEY.match(key)
+    return f"blocks.{turbo[1]}.attn1.{SLA_ATTRIBUTE}.proj_l.{turbo[2]}" if turbo else key
+
+
+def _select(state: Mapping) -> tuple[dict[str, object], int]:
+    """(the ``proj_l`` entries, how many other entries) of a state dict."""
+    chosen = {key: value for key, value in state.items() if isinstance(key, str) and _PROJ_L_KEY.search(key)}
+    return chosen, len(state) - len(chosen)
+
+
+def _read(source: object) -> tuple[dict[str, object], int, str]:
+    """(``proj_l`` entries, count of other keys, description) of a state dict, file or directory."""
+    if isinstance(source, Mapping):
+        return *_select(source), "a state dict"
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"`path_or_state_dict` must be a path or a state dict, got {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"`path_or_state_dict` {str(path)!r} does not exist")
+    if path.suffix in TORCH_SUFFIXES:
+        # weights_only: a checkpoint is data, never code to unpickle.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # TurboDiffusion's training checkpoints nest the weights under "state_dict".
+        if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+            state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise TypeError(f"`path_or_state_dict` {str(path)!r} must hold a state dict, got {type(state).__name__}")
+        return *_select(state), repr(str(path))
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"`path_or_state_dict` folder {str(path)!r} holds no .safetensors file")
+    elif path.suffix == ".safetensors":
+        files = [path]
+    else:
+        raise ValueError(
+            "`path_or_state_dict` must be a .safetensors, .pt, .pth or .bin file, a folder of .safetensors files "
+            f"(as save_pretrained writes) or a state dict, got {str(path)!r}"
+        )
+    chosen, ignored = {}, 0
+    for file in files:
+        # Reads only the proj_l tensors, not the whole (possibly 14B-parameter) checkpoint.
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                if _PROJ_L_KEY.search(key):
+                    chosen[key] = handle.get_tensor(key)
+                else:
+                    ignored += 1
+    return chosen, ignored, repr(str(path))
+
+
+def load_sla_weights(
+    model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], strict: bool = True
+) -> LoadReport:
+    """Load the ``proj_l`` of every SLA layer of a patched model, in place; all or nothing.
+
+    Only keys ending in ``proj_l.weight`` / ``proj_l.bias`` are read, so a full model checkpoint works: a
+    ``save_pretrained`` folder or its ``diffusion_pytorch_model.safetensors``, a TurboDiffusion ``.pth``,
+    or a ``save_sla_weights`` file. Everything is checked before anything is copied.
+
+    Args:
+        model: a model patched by ``sagesla.patch`` (for a pipeline, each transformer on its own).
+        path_or_state_dict: a ``.safetensors`` file, a folder of them, a ``.pt`` / ``.pth`` / ``.bin`` file
+            (loaded with ``weights_only=True``), or a {key: tensor} mapping; keys ours or TurboDiffusion's.
+        strict: raise if a model SLA key is missing from the checkpoint or a checkpoint ``proj_l`` key matches no
+            SLA layer. Not strict, those are reported and the matching keys load.
+    Returns:
+        a ``LoadReport`` (loaded, missing and unexpected keys).
+    Raises:
+        TypeError: a wrong kind of argument, or a ``proj_l`` entry that is not a floating tensor.
+        ValueError: no SLA layer in ``model``; a shape mismatch or NaN/Inf; two checkpoint keys for one model
+            key; no key matched; with ``strict``, missing or unexpected keys (the message lists them).
+        FileNotFoundError: the path does not exist.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be a torch.nn.Module (for a pipeline, pass each transformer), got {type(model).__name__}"
+        )
+    validation.check_bool("strict", strict)
+    parameters = sla_parameters(model)
+    if not parameters:
+        raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) before loading SLA weights")
+    found, ignored, source = _read(path_or_state_dict)
+
+    chosen: dict[str, str] = {}
+    unexpected, doubles, problems = [], [], []
+    for key, tensor in found.items():
+        target = _model_key(key)
+        if target not in parameters:
+            unexpected.append(key)
+        elif target in chosen:
+            doubles.append(f"{chosen[target]!r} and {key!r} -> {target!r}")
+        elif not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"checkpoint entry {key!r} must be a floating torch.Tensor, got {tensor!r:.60}")
+        elif tensor.shape != parameters[target].shape:
+            problems.append(f"{key!r} has shape {tuple(tensor.shape)}, {target!r} {tuple(parameters[target].shape)}")
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key!r} holds NaN/Inf")
+        else:
+            chosen[target] = key
+    missing = [key for key in parameters if key not in chosen]
+    if doubles:
+        raise ValueError(f"SLA checkpoint {source} names one weight twice: {doubles}")
+    if problems:
+        raise ValueError(f"SLA checkpoint {source} does not fit the model: {problems}")
+    if not chosen or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"SLA checkpoint {source} does not match the model's SLA layers: missing keys {missing}, "
+            f"unexpected keys {unexpected}" + ("" if strict else " (strict=False still needs one match)")
+        )
+    with torch.no_grad():
+        for target, key in chosen.items():
+            parameters[target].copy_(found[key])
+    loaded = [key for key in parameters if key in chosen]
+    return LoadReport(source=source, loaded=loaded, missing=missing, unexpected=unexpected, ignored=ignored)
+
+
+def save_sla_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Write every SLA layer's ``proj_l`` of ``model`` to a safetensors file, atomically; returns the keys.
+
+    The keys are the model's state-dict names (``blocks.{i}.attn1.sla.proj_l.weight`` ...), the metadata
+    ``METADATA``. The file appears complete or not at all (written beside ``path``, then renamed over it).
+    """
+    parameters = sla_parameters(model)
+    if not parameters:
+        raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
+    tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=METADATA)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+    return list(tensors)

@@ -1,0 +1,206 @@
+"""``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan models and pipelines."""
+
+import importlib.util
+from collections.abc import Mapping
+
+from torch import nn
+
+from sagesla import validation
+from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
+from sagesla.patching.report import PatchReport
+
+# Pipeline attributes holding transformers (Wan2.2 A14B has a high-noise and a low-noise expert).
+PIPELINE_COMPONENTS = ("transformer", "transformer_2")
+
+
+def _wan():
+    """``sagesla.patching.wan``, which imports diffusers (an optional dependency)."""
+    if importlib.util.find_spec("diffusers") is None:
+        raise ImportError("sagesla.patch needs diffusers: pip install 'sagesla[diffusers]'")
+    from sagesla.patching import wan
+
+    return wan
+
+
+def _components(model_or_pipeline: object) -> list[tuple[str, nn.Module]]:
+    """(name prefix, model): ("", model) for a model, ("transformer.", ...) for each transformer of a pipeline."""
+    if isinstance(model_or_pipeline, nn.Module):
+        return [("", model_or_pipeline)]
+    found: list[tuple[str, nn.Module]] = []
+    for attr in PIPELINE_COMPONENTS:
+        model = getattr(model_or_pipeline, attr, None)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"`model_or_pipeline.{attr}` must be a torch.nn.Module, got {type(model).__name__}")
+        # One model under two names is patched once.
+        if model is not None and all(model is not seen for _, seen in found):
+            found.append((f"{attr}.", model))
+    if not found:
+        raise TypeError(
+            "`model_or_pipeline` must be a diffusers Wan model (e.g. WanTransformer3DModel) or a pipeline with "
+            f"`transformer` / `transformer_2`, got {type(model_or_pipeline).__name__}"
+        )
+    return found
+
+
+def _set_processors(model: nn.Module, processors: dict[str, object]) -> None:
+    """Install processors by layer name through diffusers' ``set_attn_processor`` (which wants every layer's)."""
+    everything = model.attn_processors
+    everything.update({f"{name}.processor": processor for name, processor in processors.items()})
+    model.set_attn_processor(everything)
+
+
+def _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite):
+    if (topk is None) == (profile is None):
+        given = "both" if topk is not None else "neither"
+        raise ValueError(
+            "give exactly one of `topk` (one fraction for every layer) or `profile` ({layer name: topk}), "
+            f"got {given}"
+        )
+    if topk is not None:
+        validation.check_topk(topk)
+    elif not isinstance(profile, Mapping):
+        raise TypeError(f"`profile` must be a mapping {{layer name: topk}}, got {type(profile).__name__}")
+    validation.check_bool("quantized", quantized)
+    validation.check_bool("check_finite", check_finite)
+    validation.check_choice("backend", backend, validation.BACKENDS)
+    validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
+    validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
+    for name, value in (("block_q", block_q), ("block_k", block_k)):
+        if value is not None:
+            validation.check_block_size(name, value)
+
+
+def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | None) -> dict[str, float]:
+    """{layer name: topk} for every self-attention layer, from the global ``topk`` or the ``profile``."""
+    if profile is None:
+        return dict.fromkeys(names, float(topk))
+    missing = [name for name in names if name not in profile]
+    unknown = [key for key in profile if key not in names]
+    if missing or unknown:
+        raise ValueError(
+            f"`profile` must give a topk for every self-attention layer and nothing else: missing {missing}, "
+            f"unknown {unknown} (layers: {names})"
+        )
+    return {name: validation.check_topk(profile[name], name=f"profile[{name!r}]") for name in names}
+
+
+def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[str], dict[str, str]]:
+    """(layers to patch as (prefix, model, name, module), every self-attention layer name, {skipped: reason})."""
+    targets, self_attention, skipped = [], [], {}
+    for prefix, model in components:
+        layers = [(name, module) for name, module in model.named_modules() if isinstance(module, wan.WanAttention)]
+        if not layers or not hasattr(model, "set_attn_processor"):
+            where = f"`model_or_pipeline.{prefix[:-1]}`" if prefix else "`model_or_pipeline`"
+            raise TypeError(
+                f"{where} must be a diffusers model built of WanAttention layers (e.g. WanTransformer3DModel), "
+                f"got {type(model).__name__}"
+            )
+        for name, module in layers:
+            if not wan.is_self_attention(module):
+                skipped[prefix + name] = "cross-attention (text/image keys) stays dense"
+                continue
+            self_attention.append(prefix + name)
+            if isinstance(module.processor, wan.SLAWanAttnProcessor):
+                skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
+            else:
+                targets.append((prefix, model, name, module))
+    return targets, self_attention, skipped
+
+
+def patch(
+    model_or_pipeline: object,
+    *,
+    topk: float | None = None,
+    profile: Mapping[str, float] | None = None,
+    quantized: bool = True,
+    backend: str = "auto",
+    linear_scope: str = "all",
+    feature_map: str = "softmax",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    check_finite: bool = False,
+) -> PatchReport:
+    """Replace the self-attention of a diffusers Wan model, or of each transformer of a pipeline, by SLA, in place.
+
+    Every self-attention ``WanAttention`` (``blocks.{i}.attn1``) gets an SLA module as its submodule ``sla``
+    (state-dict keys ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and ``.bias`` [D], fp32, zero: load trained
+    ones with ``sagesla.load_sla_weights``) and a processor (``SLAWanAttnProcessor``, installed with diffusers'
+    ``set_attn_processor``) that keeps diffusers' projections, QK-norm and RoPE and runs SLA for the attention.
+    Cross-attention (``attn2``) stays as it is. A call SLA cannot serve (an attention mask, a sequence shorter than
+    one block, a dtype or head_dim the backend cannot serve, ...) runs diffusers' dense attention instead and logs
+    the reason once per layer on the "sagesla" logger.
+
+    Args:
+        model_or_pipeline: a ``WanTransformer3DModel`` (or another diffusers model built of ``WanAttention``), or a
+            pipeline whose ``transformer`` / ``transformer_2`` are (both are patched; Wan2.2 A14B has two).
+        topk: fraction of key blocks each query block keeps, in (0, 1], for every layer.
+        profile: instead of ``topk``, {layer name: topk} naming every self-attention layer, e.g.
+            ``{"blocks.0.attn1": 0.05, ...}`` (``"transformer.blocks.0.attn1"`` ... for a pipeline).
+        quantized: ``SageSparseLinearAttention`` (INT8 Q/K, FP8 P/V) when True, ``SparseLinearAttention`` if not.
+        backend: "auto" (Triton on CUDA where it serves the call, dense attention where it does not; the torch
+            reference on CPU), "torch" (the reference everywhere) or "triton" (dense where it cannot serve a call).
+        linear_scope, feature_map: as in ``sparse_linear_attn``; the defaults match TurboDiffusion's checkpoints.
+        block_q, block_k: BQ, BK; default as in ``sparse_linear_attn``.
+        check_finite: run dense attention for calls whose q, k or v holds NaN/Inf (one device sync per call).
+            Without it such a call gives NaN where dense attention would be non-finite, and possibly in more rows.
+    Returns:
+        a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons.
+    Raises:
+        TypeError / ValueError: invalid arguments; ``ValueError`` also for a profile that misses or adds layers.
+        ImportError: diffusers is not installed.
+    Example:
+        >>> report = sagesla.patch(pipe, topk=0.1)  # pipe = diffusers.WanPipeline.from_pretrained(...)
+        >>> print(report)
+    """
+    _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite)
+    components = _components(model_or_pipeline)
+    wan = _wan()
+    targets, self_attention, skipped = _survey(components, wan)
+    topks = _topk_per_layer(self_attention, topk, profile)
+
+    # Build everything first, so a failure leaves the model untouched.
+    attention = SageSparseLinearAttention if quantized else SparseLinearAttention
+    blocks = {key: value for key, value in (("BLKQ", block_q), ("BLKK", block_k)) if value is not None}
+    replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
+    installs = []
+    for prefix, model, name, module in targets:
+        sla = attention(
+            module.inner_dim // module.heads,
+            replaced[prefix + name],
+            feature_map,
+            **blocks,
+            linear_scope=linear_scope,
+            tensor_layout="NHD",
+            backend=backend,
+        ).to(next(module.parameters()).device)
+        installs.append(
+            (model, name, module, sla, wan.SLAWanAttnProcessor(module.processor, prefix + name, check_finite))
+        )
+    for _, model in components:
+        chosen = {}
+        for owner, name, module, sla, processor in installs:
+            if owner is model:
+                setattr(module, wan.SLA_ATTRIBUTE, sla)
+                chosen[name] = processor
+        if chosen:
+            _set_processors(model, chosen)
+    return PatchReport(attention=attention.__name__, backend=backend, replaced=replaced, skipped=skipped)
+
+
+def unpatch(model_or_pipeline: object) -> list[str]:
+    """Undo ``patch`` in place: restore each layer's original processor and delete its ``sla`` submodule.
+
+    Afterwards the model computes exactly what it computed before ``patch``. Returns the restored layer names.
+    """
+    wan = _wan()
+    restored = []
+    for prefix, model in _components(model_or_pipeline):
+        originals = {}
+        for name, module in model.named_modules():
+            if isinstance(getattr(module, "processor", None), wan.SLAWanAttnProcessor):
+                originals[name] = module.processor.original
+                delattr(module, wan.SLA_ATTRIBUTE)
+                restored.append(prefix + name)
+        if originals:
+            _set_processors(model, originals)
+    return restored

@@ -1,0 +1,153 @@
+"""SLA inside diffusers' Wan self-attention: an attention processor for ``WanAttention``.
+
+Shapes: B batch, S tokens, H heads, D head dim; diffusers hands attention (B, S, H, D) tensors ("NHD").
+This module imports diffusers; ``sagesla.patch`` imports it only when called.
+"""
+
+import logging
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+
+from sagesla import backends, validation
+from sagesla.functional import resolve_block_sizes
+from sagesla.patching.checkpoints import SLA_ATTRIBUTE
+
+logger = logging.getLogger("sagesla")
+
+
+def is_self_attention(module: torch.nn.Module) -> bool:
+    """A ``WanAttention`` whose keys come from its own tokens (``attn1``), not from text or image (``attn2``)."""
+    return isinstance(module, WanAttention) and not module.is_cross_attention and module.add_k_proj is None
+
+
+def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on (B, S, H, D), mirrored from diffusers' ``WanAttnProcessor`` (a closure there, so not importable).
+
+    The test suite checks that the dense path of this processor reproduces diffusers' output bit for bit.
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def _on_original(name: str) -> property:
+    """A property that reads and writes attribute ``name`` of the processor's ``original``."""
+    return property(
+        lambda self: getattr(self.original, name, None), lambda self, value: setattr(self.original, name, value)
+    )
+
+
+class SLAWanAttnProcessor:
+    """Processor for a Wan self-attention layer: diffusers' projections, QK-norm and RoPE around ``attn.sla``.
+
+    The layer's SLA module (``SageSparseLinearAttention`` or ``SparseLinearAttention``, ``tensor_layout="NHD"``)
+    is the submodule ``attn.sla``. Each call runs diffusers' steps (``to_q/to_k/to_v`` or the fused ``to_qkv``,
+    ``norm_q``, ``norm_k``, RoPE, ``to_out``) and SLA for softmax(QK^T)V, or, when SLA cannot serve the call, the
+    very attention diffusers' ``WanAttnProcessor`` runs (``dispatch_attention_fn``), logging the reason once per
+    layer: the dense fallback computes what the unpatched model computes, bit for bit.
+
+    Attributes:
+        original: the processor this one replaced (``sagesla.unpatch`` restores it).
+        layer_name: the layer's module name, for log lines.
+        last_sparsity: fraction of block pairs the last call skipped (0.0 after a dense call), None before any call.
+        last_fallback: why the last call ran dense attention, or None if it ran SLA.
+    """
+
+    def __init__(self, original: object, layer_name: str, check_finite: bool = False):
+        self.original = original
+        self.layer_name = layer_name
+        self.check_finite = check_finite
+        self.last_sparsity: float | None = None
+        self.last_fallback: str | None = None
+        self._logged: set[str] = set()
+
+    # diffusers' set_attention_backend / enable_parallelism set these on every processor. Keeping them on the
+    # original processor makes the dense path honour them, now and after unpatch.
+    _attention_backend = _on_original("_attention_backend")
+    _parallel_config = _on_original("_parallel_config")
+
+    def __call__(
+        self,
+        attn: WanAttention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """hidden_states: (B, S, dim); rotary_emb: (cos, sin), each (1, S, 1, D). Returns (B, S, dim)."""
+        if encoder_hidden_states is not None:
+            self._fall_back("keys and values from encoder_hidden_states (cross-attention)")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+
+        sla = getattr(attn, SLA_ATTRIBUTE)
+        reason = self._fallback_reason(sla, query, key, value, attention_mask)
+        if reason is None:
+            hidden_states, self.last_sparsity = sla(query, key, value, return_sparsity=True)
+            self.last_fallback = None
+        else:
+            self._fall_back(reason)
+            hidden_states = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        hidden_states = hidden_states.flatten(2, 3).type_as(query)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)
+
+    def _fallback_reason(
+        self,
+        sla: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> str | None:
+        """Why SLA cannot serve this call, or None. query, key, value: (B, S, H, D)."""
+        if attention_mask is not None:
+            return "an attention mask was given (SLA attends without masks)"
+        if self._parallel_config is not None:
+            return "context parallelism is on (SLA needs the whole sequence on one device)"
+        if query.dtype not in validation.INPUT_DTYPES:
+            return f"dtype {query.dtype} (SLA serves float16, bfloat16 and float32)"
+        length = query.shape[1]
+        block_q, block_k = resolve_block_sizes(sla.quantized, query.device, sla.BLKQ, sla.BLKK)
+        if length < max(block_q, block_k):
+            return f"sequence length {length} is shorter than one {block_q}x{block_k} block"
+        if sla.backend == "triton" or (sla.backend == "auto" and query.device.type == "cuda"):
+            pv_precision = sla.pv_precision
+            if pv_precision == "auto":
+                pv_precision = backends.default_pv_precision(query.device)
+            unsupported = backends.triton_unsupported_reason(
+                query.transpose(1, 2), block_q, block_k, sla.quantized, sla.linear_scope, pv_precision
+            )
+            if unsupported is not None:
+                return f"backend={sla.backend!r} cannot serve it: {unsupported}"
+        if self.check_finite and not all(bool(torch.isfinite(x).all()) for x in (query, key, value)):
+            return "query, key or value holds NaN/Inf"
+        return None
+
+    def _fall_back(self, reason: str) -> None:
+        """Record a dense call and log its reason once per layer and reason."""
+        self.last_fallback, self.last_sparsity = reason, 0.0
+        if reason not in self._logged:
+            self._logged.add(reason)
+            logger.warning("sagesla: %s runs dense attention: %s", self.layer_name, reason)

@@ -1,0 +1,91 @@
+"""One denoising step of a Wan2.1-T2V-1.3B-shaped diffusers model (random weights): dense, then patched by SLA.
+
+Usage:
+    python scripts/patch_wan_check.py [--topk 0.1] [--backend triton] [--frames 21 --height 60 --width 104]
+    python scripts/patch_wan_check.py --tiny    # CPU smoke run: the 2-block test model, backend "torch"
+
+Needs diffusers. Prints the patch report, what every layer's last call did (SLA with its sparsity, or the dense
+fallback and why), the median ms of the step dense and patched (after one warm-up step), and the patched output's
+rel-L1 and cosine against the dense one. proj_l is zero, so only block sparsity and quantization differ. The
+default latent (21 x 60 x 104) is 81 frames of 480 x 832 video: 32760 tokens.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from diffusers import WanTransformer3DModel
+
+import sagesla
+from sagesla import metrics
+from sagesla.patching.wan import SLAWanAttnProcessor
+from sagesla.testing import tiny_wan_transformer
+
+# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config (the other arguments keep their defaults).
+WAN21_T2V_1_3B = {
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "num_layers": 30,
+    "text_dim": 4096,
+    "eps": 1e-6,
+}
+
+
+def step_ms(model: torch.nn.Module, inputs: tuple, repeats: int) -> tuple[torch.Tensor, float]:
+    """(output of the step, median ms over ``repeats`` steps after one warm-up step)."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            out = model(*inputs, return_dict=False)[0]
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    return out, statistics.median(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topk", type=float, default=0.1)
+    parser.add_argument("--backend", default="triton", choices=["auto", "torch", "triton"])
+    parser.add_argument("--frames", type=int, default=21)
+    parser.add_argument("--height", type=int, default=60)
+    parser.add_argument("--width", type=int, default=104)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true", help="2-block model on CPU, backend 'torch', 4 x 16 x 16")
+    args = parser.parse_args()
+    if args.tiny:
+        model, device, dtype = tiny_wan_transformer(), "cpu", torch.float32
+        args.backend, args.frames, args.height, args.width, text_shape = "torch", 4, 16, 16, (1, 8, 32)
+    else:
+        device, dtype, text_shape = "cuda", torch.bfloat16, (1, 512, WAN21_T2V_1_3B["text_dim"])
+        with torch.device(device):
+            model = WanTransformer3DModel(**WAN21_T2V_1_3B).to(dtype).eval()
+    torch.manual_seed(0)
+    inputs = (
+        torch.randn(1, 16, args.frames, args.height, args.width, device=device, dtype=dtype),
+        torch.tensor([500], device=device),
+        torch.randn(*text_shape, device=device, dtype=dtype),
+    )
+    tokens = args.frames * args.height * args.width // 4
+    print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}, {tokens} tokens")
+
+    dense, dense_ms = step_ms(model, inputs, args.repeats)
+    print(sagesla.patch(model, topk=args.topk, backend=args.backend))
+    patched, patched_ms = step_ms(model, inputs, args.repeats)
+    calls: dict[str, list[str]] = {}
+    for processor in model.attn_processors.values():
+        if isinstance(processor, SLAWanAttnProcessor):
+            outcome = processor.last_fallback or f"SLA, sparsity {processor.last_sparsity:.3f}"
+            calls.setdefault(outcome, []).append(processor.layer_name)
+    for outcome, layers in calls.items():
+        print(f"last call of {len(layers)} layer(s): {outcome}")
+    print(f"step: dense {dense_ms:.1f} ms, patched {patched_ms:.1f} ms ({dense_ms / patched_ms:.2f}x)")
+    print(f"patched vs dense: rel-L1 {metrics.rel_l1(patched, dense):.4f}, cosine {metrics.cosine(patched, dense):.6f}")
+
+
+if __name__ == "__main__":
+    main()

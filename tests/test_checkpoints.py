@@ -1,0 +1,232 @@
+"""SLA checkpoints: our keys and TurboDiffusion's, safetensors / .pt / dicts, strictness, all-or-nothing loads."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import sagesla
+from sagesla.patching import checkpoints
+from sagesla.testing import assert_close, run_wan, wan_inputs
+
+KEYS = [f"blocks.{i}.attn1.sla.proj_l.{p}" for i in range(2) for p in ("weight", "bias")]
+# Two instances of one patched model agree to 2e-7 to 2.4e-6 rel-L1 on CPU (seeds 0-2; the first difference is in
+# the time embedding's matmul, before any attention); zero vs std-0.1 proj_l moves the output by 2e-2.
+ROUND_TRIP_TOL = 1e-4
+TURBO_KEYS = [f"blocks.{i}.self_attn.attn_op.local_attn.proj_l.{p}" for i in range(2) for p in ("weight", "bias")]
+
+
+class _Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sla = sagesla.SageSparseLinearAttention(head_dim=64, topk=0.5, tensor_layout="NHD")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn1 = _Layer()
+        self.ffn = nn.Linear(64, 64)
+
+
+class _PatchedLike(nn.Module):
+    """Two blocks with SLA at ``blocks.{i}.attn1.sla``, as ``sagesla.patch`` leaves a Wan model (no diffusers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+
+
+def random_weights(keys=KEYS) -> dict[str, torch.Tensor]:
+    return {key: torch.randn(64, 64) if key.endswith("weight") else torch.randn(64) for key in keys}
+
+
+def sla_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in model.state_dict().items() if ".sla." in key}
+
+
+def test_save_then_load_round_trip(tmp_path):
+    source, target = _PatchedLike(), _PatchedLike()
+    with torch.no_grad():
+        for parameter in checkpoints.sla_parameters(source).values():
+            parameter.normal_()
+    path = tmp_path / "sla.safetensors"
+    assert sagesla.save_sla_weights(source, path) == KEYS
+    assert os.listdir(tmp_path) == ["sla.safetensors"]
+    with safe_open(path, framework="pt") as handle:
+        assert handle.metadata() == checkpoints.METADATA
+    report = sagesla.load_sla_weights(target, path)
+    assert report.loaded == KEYS and report.missing == [] and report.unexpected == [] and report.ignored == 0
+    assert str(report).startswith(f"load_sla_weights: 4 tensor(s) from {str(path)!r}; missing [], unexpected []")
+    for key, value in sla_state(source).items():
+        assert torch.equal(sla_state(target)[key], value)
+
+
+def test_save_overwrites_atomically_and_cleans_up_on_failure(tmp_path, monkeypatch):
+    model = _PatchedLike()
+    path = tmp_path / "sla.safetensors"
+    sagesla.save_sla_weights(model, path)
+    before = path.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints, "save_file", fail)
+    with pytest.raises(OSError, match="disk full"):
+        sagesla.save_sla_weights(model, path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["sla.safetensors"]
+
+
+@pytest.mark.parametrize("prefix", ["", "net."], ids=["plain", "net-prefix"])
+@pytest.mark.parametrize("form", ["dict", "pth", "pth-nested", "safetensors"])
+def test_turbodiffusion_keys_load(tmp_path, prefix, form):
+    weights = random_weights(TURBO_KEYS)
+    # A full TurboDiffusion checkpoint also holds every other weight of the network: ignored.
+    state = {prefix + key: value for key, value in weights.items()} | {
+        f"{prefix}blocks.0.self_attn.q.weight": torch.randn(8, 8),
+        f"{prefix}head.head.bias": torch.randn(8),
+    }
+    source = state
+    if form.startswith("pth"):
+        source = tmp_path / "turbo.pth"
+        torch.save({"state_dict": state} if form == "pth-nested" else state, source)
+    elif form == "safetensors":
+        source = tmp_path / "turbo.safetensors"
+        save_file(state, source)
+    model = _PatchedLike()
+    report = sagesla.load_sla_weights(model, source)
+    assert report.loaded == KEYS and report.ignored == 2
+    loaded = sla_state(model)
+    for ours, turbo in zip(KEYS, TURBO_KEYS, strict=True):
+        assert torch.equal(loaded[ours], weights[turbo])
+
+
+def test_missing_keys_raise_with_the_list_and_change_nothing():
+    model = _PatchedLike()
+    before = sla_state(model)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.1.attn1.sla.proj_l.weight', 'blocks.1.attn1.sla.pr"):
+        sagesla.load_sla_weights(model, random_weights(KEYS[:2]))
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+def test_unexpected_keys_raise_with_the_list():
+    weights = random_weights() | {"blocks.7.attn1.sla.proj_l.weight": torch.randn(64, 64)}
+    with pytest.raises(ValueError, match=r"missing keys \[\], unexpected keys \['blocks.7.attn1.sla.proj_l.weight'\]"):
+        sagesla.load_sla_weights(_PatchedLike(), weights)
+
+
+def test_not_strict_loads_what_matches_and_reports_the_rest():
+    model = _PatchedLike()
+    weights = random_weights(KEYS[:2]) | {"other.proj_l.bias": torch.randn(64)}
+    report = sagesla.load_sla_weights(model, weights, strict=False)
+    assert report.loaded == KEYS[:2] and report.missing == KEYS[2:] and report.unexpected == ["other.proj_l.bias"]
+    assert torch.equal(sla_state(model)[KEYS[0]], weights[KEYS[0]])
+    assert not sla_state(model)[KEYS[2]].any()
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        ({KEYS[3]: torch.randn(32)}, ValueError, r"'blocks.1.attn1.sla.proj_l.bias' has shape \(32,\), .* \(64,\)"),
+        (
+            {KEYS[0]: torch.full((64, 64), float("nan"))},
+            ValueError,
+            r"'blocks.0.attn1.sla.proj_l.weight' holds NaN/Inf",
+        ),
+        ({KEYS[1]: torch.ones(64, dtype=torch.int64)}, TypeError, r"entry 'blocks.0.attn1.sla.proj_l.bias' must be a"),
+        ({KEYS[1]: [0.0] * 64}, TypeError, r"must be a floating torch.Tensor"),
+        ({TURBO_KEYS[0]: torch.randn(64, 64)}, ValueError, r"names one weight twice: .*local_attn.proj_l.weight"),
+        ({}, None, None),
+    ],
+    ids=["shape", "nan", "int", "list", "duplicate", "nothing-matches"],
+)
+def test_bad_checkpoint_raises_and_changes_nothing(change, error, message):
+    model = _PatchedLike()
+    before = sla_state(model)
+    weights = random_weights() | change
+    if error is None:
+        weights, error, message = {"x.weight": torch.randn(2)}, ValueError, r"missing keys \[.*\], unexpected keys \[\]"
+    with pytest.raises(error, match=message):
+        sagesla.load_sla_weights(model, weights, strict=False)
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo unpickled",))
+
+
+def test_torch_files_are_loaded_without_unpickling_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({KEYS[0]: torch.randn(64, 64), "payload": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        sagesla.load_sla_weights(_PatchedLike(), path)
+
+
+@pytest.mark.parametrize(
+    "model,source,error,message",
+    [
+        (nn.Linear(2, 2), {}, ValueError, r"`model` holds no SLA layer: call sagesla.patch"),
+        (
+            "pipe",
+            {},
+            TypeError,
+            r"`model` must be a torch.nn.Module \(for a pipeline, pass each transformer\), got str",
+        ),
+        (None, 3, TypeError, r"`path_or_state_dict` must be a path or a state dict, got int"),
+        (None, "missing.safetensors", FileNotFoundError, r"missing.safetensors' does not exist"),
+        (None, "empty", FileNotFoundError, r"folder '.*empty' holds no .safetensors file"),
+        (None, "sla.ckpt", ValueError, r"must be a .safetensors, .pt, .pth or .bin file, .*sla.ckpt'"),
+        (None, "list.pt", TypeError, r"list.pt' must hold a state dict, got list"),
+    ],
+    ids=["unpatched", "not-a-module", "int-source", "no-file", "empty-folder", "suffix", "not-a-dict"],
+)
+def test_bad_arguments(tmp_path, model, source, error, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "sla.ckpt").write_bytes(b"x")
+    torch.save([1, 2], tmp_path / "list.pt")
+    model = _PatchedLike() if model is None else model
+    source = tmp_path / source if isinstance(source, str) else source
+    with pytest.raises(error, match=message):
+        sagesla.load_sla_weights(model, source)
+
+
+def test_strict_must_be_bool():
+    with pytest.raises(TypeError, match=r"`strict` must be a bool, got str 'no'"):
+        sagesla.load_sla_weights(_PatchedLike(), random_weights(), strict="no")
+
+
+def test_save_needs_sla_layers(tmp_path):
+    with pytest.raises(ValueError, match=r"`model` holds no SLA layer"):
+        sagesla.save_sla_weights(nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_save_pretrained_round_trip_keeps_proj_l(tiny_wan, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    sagesla.patch(tiny_wan, topk=0.5)
+    with torch.no_grad():
+        for parameter in checkpoints.sla_parameters(tiny_wan).values():
+            parameter.normal_(std=0.1)
+    inputs = wan_inputs()
+    ref = run_wan(tiny_wan, inputs)
+    tiny_wan.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "diffusion_pytorch_model.safetensors", framework="pt") as handle:
+        assert set(KEYS) <= set(handle.keys())
+
+    # from_pretrained builds an unpatched model (the SLA keys are left unused): patch it, then load them.
+    for source in (tmp_path, tmp_path / "diffusion_pytorch_model.safetensors"):
+        model = WanTransformer3DModel.from_pretrained(tmp_path).eval()
+        sagesla.patch(model, topk=0.5)
+        with pytest.raises(AssertionError, match="rel-L1"):
+            assert_close("before loading", ref, run_wan(model, inputs), ROUND_TRIP_TOL)
+        report = sagesla.load_sla_weights(model, source)
+        assert report.loaded == KEYS and report.ignored > 0
+        assert all(torch.equal(value, sla_state(model)[key]) for key, value in sla_state(tiny_wan).items())
+        # Not bit for bit: CPU matmuls of two model instances may differ in the last bit (memory alignment).
+        assert_close("after loading", ref, run_wan(model, inputs), ROUND_TRIP_TOL)
