@@ -2,7 +2,7 @@
 # One call on the GPU machine: install sagesla (and carried wheels), run the GPU tests, then the benchmarks.
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
-# SKIP_TESTS=1 / SKIP_BENCH=1 skip a part.
+# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 skip a part.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,4 +19,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
     python3 scripts/bench_attention.py --out-dir "$OUT" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "${SKIP_PATCH:-0}" != 1 ]; then
+    python3 scripts/patch_wan_check.py --topk 0.1 2>&1 | tee "$OUT/patch-wan.log" | tail -30
 fi
