@@ -176,7 +176,8 @@ def sparse_attn_fwd(
     if num_warps is None:
         num_warps = 4 if block_q <= 64 else 8
     if num_stages is None:
-        num_stages = 3
+        # H100, 64 x 128 blocks: FP8 P.V 0.565 -> 0.547 ms with 3 stages, bf16 P.V 0.873 -> 0.958 ms.
+        num_stages = 3 if pv_fp8 else 2
     sparse_attn_fwd_kernel[(NQ, B * H)](
         q_int8,
         q_scale,
