@@ -5,7 +5,7 @@ Shapes: B batch, H heads, L tokens, D head dim; BQ / BK rows per query / key blo
 
 import torch
 
-from sagesla import backends, validation
+from sagesla import backends, ops, validation
 from sagesla.kernels.block_select_ref import num_selected_blocks
 
 SLA_BLOCK_SIZES = (64, 64)
@@ -96,29 +96,16 @@ def sparse_linear_attn(
             validation.check_finite(q, k, v)
     if compute_dtype is None:
         compute_dtype = q.dtype if q.dtype in validation.COMPUTE_DTYPES else torch.bfloat16
-    hnd = [x.to(compute_dtype) for x in hnd]
     num_key_blocks = -(-length // block_k)
     sparsity = 1.0 - num_selected_blocks(topk, num_key_blocks) / num_key_blocks if length else 0.0
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if q.numel() == 0:
-        return (out, sparsity) if return_sparsity else out
-
     if pv_precision == "auto":
         pv_precision = backends.default_pv_precision(q.device)
-    chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
-    forward = backends.forward_for(chosen)
-    forward(
-        *hnd,
-        topk=topk,
-        block_q=block_q,
-        block_k=block_k,
-        sm_scale=head_dim**-0.5 if sm_scale is None else float(sm_scale),
-        quantized=quantized,
-        pv_precision=pv_precision,
-        feature_map=feature_map,
-        linear_scope=linear_scope,
-        proj_weight=proj_weight,
-        proj_bias=proj_bias,
-        out=out if tensor_layout == "HND" else out.transpose(1, 2),
+    args = (q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k)
+    args += (head_dim**-0.5 if sm_scale is None else float(sm_scale), tensor_layout, compute_dtype, pv_precision)
+    # The custom op has no autograd formula: calls that need gradients run its implementation eagerly.
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )
+    op = ops.run_sla if needs_grad else ops.sparse_linear_attn_op
+    out = op(*args, backend)
     return (out, sparsity) if return_sparsity else out

@@ -1,0 +1,68 @@
+"""SLA as PyTorch custom operators, so ``torch.compile`` (``fullgraph=True``) and CUDA graphs see one opaque op.
+
+``sagesla::sparse_linear_attn`` runs a validated call (the backend choice, the dtype cast and the kernels happen
+inside); its fake implementation gives the output's exact shape, dtype and layout from the inputs alone, which is
+what the compiler needs. Shapes: B batch, H heads, L tokens, D head dim.
+"""
+
+import torch
+
+from sagesla import backends
+
+
+def run_sla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    topk: float,
+    quantized: bool,
+    feature_map: str,
+    linear_scope: str,
+    block_q: int,
+    block_k: int,
+    sm_scale: float,
+    tensor_layout: str,
+    compute_dtype: torch.dtype,
+    pv_precision: str,
+    backend: str,
+) -> torch.Tensor:
+    """SLA forward of validated arguments (see ``sagesla.sparse_linear_attn``).
+
+    Args:
+        q, k, v: [B, H, L, D] ("HND") or [B, L, H, D] ("NHD"), one dtype.
+        proj_weight, proj_bias: ``proj_l`` [D, D] and [D], or None for no linear branch.
+        pv_precision: "fp8" or "half" (already resolved from "auto").
+    Returns:
+        o: q's shape, dtype and layout (contiguous).
+    """
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if q.numel() == 0:
+        return out
+    hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
+    chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
+    backends.forward_for(chosen)(
+        *hnd,
+        topk=topk,
+        block_q=block_q,
+        block_k=block_k,
+        sm_scale=sm_scale,
+        quantized=quantized,
+        pv_precision=pv_precision,
+        feature_map=feature_map,
+        linear_scope=linear_scope,
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
+        out=out if tensor_layout == "HND" else out.transpose(1, 2),
+    )
+    return out
+
+
+# The op; ``run_sla`` itself is the differentiable eager path (the op has no autograd formula).
+sparse_linear_attn_op = torch.library.custom_op("sagesla::sparse_linear_attn", run_sla, mutates_args=())
+
+
+@sparse_linear_attn_op.register_fake
+def _(q, k, v, proj_weight, proj_bias, *args) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
