@@ -15,23 +15,11 @@ import statistics
 import time
 
 import torch
-from diffusers import WanTransformer3DModel
 
 import sagesla
 from sagesla import metrics
 from sagesla.patching.wan import SLAWanAttnProcessor
-from sagesla.testing import tiny_wan_transformer
-
-# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config (the other arguments keep their defaults).
-WAN21_T2V_1_3B = {
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "ffn_dim": 8960,
-    "freq_dim": 256,
-    "num_layers": 30,
-    "text_dim": 4096,
-    "eps": 1e-6,
-}
+from sagesla.testing import WAN_SHAPES, WanShape, build_wan, wan_step_inputs
 
 
 def step_ms(model: torch.nn.Module, inputs: tuple, repeats: int) -> tuple[torch.Tensor, float]:
@@ -58,19 +46,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="2-block model on CPU, backend 'torch', 4 x 16 x 16")
     args = parser.parse_args()
     if args.tiny:
-        model, device, dtype = tiny_wan_transformer(), "cpu", torch.float32
-        args.backend, args.frames, args.height, args.width, text_shape = "torch", 4, 16, 16, (1, 8, 32)
+        shape, device, dtype, args.backend = WAN_SHAPES["tiny"], "cpu", torch.float32, "torch"
     else:
-        device, dtype, text_shape = "cuda", torch.bfloat16, (1, 512, WAN21_T2V_1_3B["text_dim"])
-        with torch.device(device):
-            model = WanTransformer3DModel(**WAN21_T2V_1_3B).to(dtype).eval()
-    torch.manual_seed(0)
-    inputs = (
-        torch.randn(1, 16, args.frames, args.height, args.width, device=device, dtype=dtype),
-        torch.tensor([500], device=device),
-        torch.randn(*text_shape, device=device, dtype=dtype),
-    )
-    tokens = args.frames * args.height * args.width // 4
+        base = WAN_SHAPES["wan2.1-1.3b"]
+        shape = WanShape(base.config, (args.frames, args.height, args.width), base.text_tokens)
+        device, dtype = "cuda", torch.bfloat16
+    model = build_wan(shape, device, dtype)
+    inputs = wan_step_inputs(shape, device, dtype)
+    tokens = shape.tokens
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}, {tokens} tokens")
 
     dense, dense_ms = step_ms(model, inputs, args.repeats)

@@ -1,0 +1,207 @@
+"""End-to-end denoising-step latency of Wan-shaped transformers: dense SDPA against SageSLA, eager and compiled.
+
+Usage:
+    python scripts/bench_e2e.py [--model wan2.1-1.3b] [--compile] [--weights DIR] [--out-dir benchmarks/results]
+    python scripts/bench_e2e.py --model tiny    # CPU smoke run (torch reference backend)
+
+A step is what a sampler with classifier-free guidance runs per timestep: the transformer on the conditional and on
+the unconditional text, one after the other, with ``torch.cuda.synchronize()`` around each step; the median of
+``--steps`` steps after ``--warmup``. Random weights (or a local diffusers transformer folder with ``--weights``)
+and random latents / text embeddings: text encoding and the VAE are out of scope. The attention share is an
+estimate: the attention op alone, timed at the step's shapes, times the calls per step, over the step time.
+Writes ``<out-dir>/<gpu>-e2e.{json,md}``.
+"""
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import sagesla
+from sagesla.tables import markdown_table
+from sagesla.testing import WAN_SHAPES, build_wan, wan_step_inputs
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    topk: float | None = None  # None: dense
+    quantized: bool = True
+    cudnn: bool = False
+    compiled: bool = False
+
+
+@dataclass(frozen=True)
+class Result:
+    config: str
+    step_ms: float
+    speedup: float
+    attention_share: float | None
+    peak_gib: float | None
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(model, cond, uncond, steps: int, warmup: int, device: str) -> float:
+    """Median ms of a guided step (conditional + unconditional forward)."""
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            model(*cond, return_dict=False)
+            model(*uncond, return_dict=False)
+            _sync(device)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend: str) -> float:
+    """ms of one self-attention call at the model's shapes (B1, L tokens, H heads, D), as the processor makes it."""
+    heads, head_dim = shape.config["num_attention_heads"], shape.config["attention_head_dim"]
+    q, k, v = (torch.randn(1, shape.tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    if config.topk is None:
+
+        def call():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+    else:
+
+        def call():
+            return sagesla.sparse_linear_attn(
+                q, k, v, topk=config.topk, quantized=config.quantized, tensor_layout="NHD", backend=backend
+            )
+
+    with _dense_backend(config):
+        call()
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(5):
+            call()
+        _sync(device)
+    return (time.perf_counter() - start) / 5 * 1e3
+
+
+def _dense_backend(config: Config):
+    return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if config.cudnn else contextlib.nullcontext()
+
+
+def configs(compile_: bool, cuda: bool) -> list[Config]:
+    eager = [
+        Config("dense SDPA (default backend)"),
+        *([Config("dense SDPA (cuDNN)", cudnn=True)] if cuda else []),
+        Config("SageSLA topk 0.05", topk=0.05),
+        Config("SageSLA topk 0.1", topk=0.1),
+        Config("SLA unquantized topk 0.05", topk=0.05, quantized=False),
+    ]
+    if not compile_:
+        return eager
+    return eager + [
+        Config("dense SDPA (default backend), compiled", compiled=True),
+        Config("SageSLA topk 0.05, compiled", topk=0.05, compiled=True),
+    ]
+
+
+def run_config(model, config: Config, inputs, args, device, dtype, backend) -> tuple[float, float | None, float]:
+    """(step ms, peak GiB or None, ms of one attention call) of ``config``; leaves the model unpatched."""
+    sagesla.unpatch(model)
+    if config.topk is not None:
+        sagesla.patch(model, topk=config.topk, quantized=config.quantized, backend=backend)
+    runner = model
+    if config.compiled:
+        torch._dynamo.reset()
+        runner = torch.compile(model, fullgraph=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with _dense_backend(config):
+        ms = time_steps(runner, *inputs, args.steps, args.warmup, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    attn = attention_ms(WAN_SHAPES[args.model], config, device, dtype, backend)
+    sagesla.unpatch(model)
+    return ms, peak, attn
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="wan2.1-1.3b", choices=sorted(WAN_SHAPES))
+    parser.add_argument("--weights", help="local diffusers WanTransformer3DModel folder (default: random weights)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
+    parser.add_argument("--out-dir", default="benchmarks/results")
+    args = parser.parse_args()
+    shape = WAN_SHAPES[args.model]
+    cuda = torch.cuda.is_available() and args.model != "tiny"
+    device, dtype, backend = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32, "torch")
+    if args.weights:
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel.from_pretrained(args.weights, torch_dtype=dtype).to(device).eval()
+    else:
+        model = build_wan(shape, device, dtype)
+    cond = wan_step_inputs(shape, device, dtype, seed=0)
+    uncond = (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
+    gpu = torch.cuda.get_device_name() if cuda else "CPU"
+    sha = (
+        os.environ.get("SAGESLA_GIT_SHA")
+        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    )
+    header = {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "git": sha or "unknown",
+        "date": datetime.date.today().isoformat(),
+        "model": args.model,
+        "tokens": shape.tokens,
+        "weights": args.weights or "random",
+        "step": "2 forwards (classifier-free guidance), batch 1, " + str(dtype).removeprefix("torch."),
+    }
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    calls_per_step = 2 * shape.config["num_layers"]
+    results: list[Result] = []
+    baseline = None
+    for config in configs(args.compile, cuda):
+        ms, peak, attn = run_config(model, config, (cond, uncond), args, device, dtype, backend)
+        baseline = baseline or ms
+        share = min(1.0, calls_per_step * attn / ms)
+        results.append(Result(config.label, ms, baseline / ms, share, peak))
+        print(f"{config.label}: {ms:.1f} ms", flush=True)
+
+    table = markdown_table(
+        ["config", "step ms", "speed-up vs dense default", "attention share (est.)", "peak GiB"],
+        [
+            [
+                r.config,
+                f"{r.step_ms:.1f}",
+                f"{r.speedup:.2f}x",
+                f"{r.attention_share:.0%}",
+                "-" if r.peak_gib is None else f"{r.peak_gib:.1f}",
+            ]
+            for r in results
+        ],
+    )
+    print(table)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{gpu.replace(' ', '-')}-e2e"
+    stem.with_suffix(".json").write_text(json.dumps({**header, "results": [asdict(r) for r in results]}, indent=1))
+    stem.with_suffix(".md").write_text("\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
