@@ -10,12 +10,8 @@ the same block selection, with a random ``proj_l`` of std 0.02 (anchors.md's set
 """
 
 import argparse
-import datetime
 import importlib.util
-import json
-import os
 import pathlib
-import subprocess
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,7 +25,7 @@ from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
-from sagesla.tables import markdown_table
+from sagesla.tables import markdown_table, run_header, write_report
 from sagesla.testing import sla_dense_reference
 
 SHAPES = [
@@ -209,19 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     blocks = tuple(int(x) for x in args.blocks.split("x"))
     gpu = torch.cuda.get_device_name()
-    # The GPU machine gets the working tree without .git: gpu_check.sh passes the commit in SAGESLA_GIT_SHA.
-    sha = (
-        os.environ.get("SAGESLA_GIT_SHA")
-        or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    )
-    header = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git": sha or "unknown",
-        "date": datetime.date.today().isoformat(),
-        "blocks": args.blocks,
-    }
+    header = run_header(gpu, blocks=args.blocks)
     print(" | ".join(f"{k}: {v}" for k, v in header.items()))
     sage = importlib.util.find_spec("sageattention") is not None
     rows: list[Row] = []
@@ -290,14 +274,11 @@ def main() -> None:
     print()
     print(stage_table)
     print("\n".join(sweeps))
-    out_dir = pathlib.Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{gpu.replace(' ', '-')}-attention"
-    stem.with_suffix(".json").write_text(
-        json.dumps({**header, "rows": [asdict(r) for r in rows], "stages": stage_rows}, indent=1)
-    )
-    stem.with_suffix(".md").write_text(
-        "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + table + "\n\n" + stage_table + "\n"
+    write_report(
+        pathlib.Path(args.out_dir) / f"{gpu.replace(' ', '-')}-attention",
+        header,
+        {"rows": [asdict(r) for r in rows], "stages": stage_rows},
+        table + "\n\n" + stage_table,
     )
 
 

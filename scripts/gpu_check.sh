@@ -2,7 +2,7 @@
 # One call on the GPU machine: install sagesla (and carried wheels), run the GPU tests, then the benchmarks.
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
-# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 skip a part.
+# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_E2E=1 skip a part.
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -22,4 +22,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 if [ "${SKIP_PATCH:-0}" != 1 ]; then
     python3 scripts/patch_wan_check.py --topk 0.1 2>&1 | tee "$OUT/patch-wan.log" | tail -30
+fi
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+    python3 scripts/bench_e2e.py --compile --out-dir "$OUT" 2>&1 | tee "$OUT/e2e.log" | tail -15
 fi
