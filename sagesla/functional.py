@@ -100,7 +100,7 @@ def sparse_linear_attn(
     if pv_precision == "auto":
         pv_precision = backends.default_pv_precision(q.device)
     chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
-    forward = backends.forward_for(chosen)
+    forward = backends.forward_for(chosen, quantized)
     forward(
         *hnd,
         topk=topk,
