@@ -128,10 +128,16 @@ def linear_attn_bwd_q_kernel(
     s_db,
     s_dh,
     s_dl,
+    out,
+    s_ob,
+    s_oh,
+    s_ol,
+    bias,
     lut,
     kw,
     z,
     w,
+    delta,
     dq_lin,
     g_part,
     f_part,
@@ -151,13 +157,15 @@ def linear_attn_bwd_q_kernel(
     BQ: tl.constexpr,
     BK: tl.constexpr,
     FEATURE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     COMPLEMENT: tl.constexpr,
     EVEN: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
     """Query side of the linear branch's backward over CHUNK tiles of BT rows of one head.
 
-    With ``y = o_l W^T`` and ``t = -rowsum(dY * y)`` (so ``dden = t / den``): writes dq_lin = phi'(q) applied to
+    With ``y = o_l W^T`` and ``t = -rowsum(dY * y)`` (so ``dden = t / den``): writes the sparse branch's
+    ``delta = rowsum(dY * (out - b)) + t`` (= rowsum(dY * o_s)), dq_lin = phi'(q) applied to
     ``dphi = dY (S W^T)^T / den + dden z``, and per-program partial sums G = sum (dY / den)^T phi(q),
     dz = sum phi(q)^T dden, db = sum dY and, for scope "complement", F = sum (dY / den)^T cn with the rows'
     u = dY W, r = 1 / den and t, which the sparse kernels need for the selected blocks' share.
@@ -171,6 +179,7 @@ def linear_attn_bwd_q_kernel(
     p_k = head_base(k, i_bh, H, s_kb, s_kh)
     p_v = head_base(v, i_bh, H, s_vb, s_vh)
     p_do = head_base(do, i_bh, H, s_db, s_dh)
+    p_out = head_base(out, i_bh, H, s_ob, s_oh)
     p_kw = kw + i_bh64 * DP * DP
     p_z = z + i_bh64 * DP
     b_z = tl.load(p_z + o_d)
@@ -196,6 +205,10 @@ def linear_attn_bwd_q_kernel(
         b_y, b_den = linear_rows(b_phiq, p_kw, p_z, w, o_d, b_cn, b_cd, DP, COMPLEMENT, IS_INTERPRET)
         b_rden = 1.0 / b_den
         b_t = -tl.sum(b_do * b_y, axis=1)
+        b_out = load_rows(p_out, o_q, s_ol, o_d, L, D, EVEN).to(tl.float32)
+        if HAS_BIAS:
+            b_out -= tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
+        tl.store(delta + i_bh64 * L + o_q, tl.sum(b_do * b_out, axis=1) + b_t, mask=o_q < L)
         # [BT, DP] dY / den, in bf16 for the D x D products
         b_dor = (b_do * b_rden[:, None]).to(tl.bfloat16)
         b_kw = tl.load(p_kw + o_d[:, None] * DP + o_d[None, :])
@@ -246,14 +259,16 @@ def linear_state(kv: torch.Tensor, ksum: torch.Tensor, weight: torch.Tensor) -> 
 
 
 class LinearGrads(NamedTuple):
-    """The linear branch's gradients from its query side.
+    """The linear branch's gradients from its query side, and the sparse branch's delta.
 
-    dq: [B*H, L, D] fp32, the branch's share of dq.      ds: [B*H, DP, DP] bf16, dLoss/dS (zero-padded).
-    dz: [B*H, DP] fp32, dLoss/dz.                         dweight: [D, D] fp32; dbias: [D] fp32.
+    delta: [B*H, L] fp32, rowsum(dY * o_s).               dq: [B*H, L, D] fp32, the branch's share of dq.
+    ds: [B*H, DP, DP] bf16, dLoss/dS (zero-padded).       dz: [B*H, DP] fp32, dLoss/dz.
+    dweight: [D, D] fp32; dbias: [D] fp32.
     u: [B*H, L, D] in the compute dtype, ``dY W``; r, t: [B*H, L] fp32, ``1 / den`` and ``-rowsum(dY * y)``:
     the per-row terms of the selected blocks' share (scope "complement"; None for "all").
     """
 
+    delta: torch.Tensor
     dq: torch.Tensor
     ds: torch.Tensor
     dz: torch.Tensor
@@ -269,6 +284,8 @@ def linear_attn_bwd_q(
     k: torch.Tensor,
     v: torch.Tensor,
     d_out: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
     lut: torch.Tensor,
     state: LinearState,
     weight: torch.Tensor,
@@ -286,7 +303,7 @@ def linear_attn_bwd_q(
 
     Args:
         q, k, v: [B, H, L, D] views in the compute dtype with unit stride on D; d_out: [B, H, L, D] dLoss/dOutput
-            (any float dtype, unit stride on D).
+            and out: the forward's output (any float dtype, unit stride on D); bias: ``proj_l.bias`` [D] or None.
         lut: [B, H, NQ, S] int32 (read for scope "complement").
         state: ``linear_state`` of this call; weight: ``proj_l.weight`` [D, D].
         programs, rows, num_warps, num_stages: launch shape (programs in all, as chunks of row tiles x heads;
@@ -298,6 +315,7 @@ def linear_attn_bwd_q(
     chunk = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(programs, B * H))))
     parts = triton.cdiv(tiles, chunk)
     f32 = {"device": q.device, "dtype": torch.float32}
+    delta = torch.empty(B * H, L, **f32)
     dq = torch.empty(B * H, L, D, **f32)
     g_part = torch.empty(B * H, parts, DP, DP, **f32)
     f_part = torch.empty_like(g_part) if complement else g_part
@@ -315,10 +333,14 @@ def linear_attn_bwd_q(
         *v.stride()[:3],
         d_out,
         *d_out.stride()[:3],
+        out,
+        *out.stride()[:3],
+        dq if bias is None else bias.float().contiguous(),
         lut.contiguous(),
         state.kw,
         state.z,
         state.w,
+        delta,
         dq,
         g_part,
         f_part,
@@ -338,6 +360,7 @@ def linear_attn_bwd_q(
         BQ=block_q,
         BK=block_k,
         FEATURE=FEATURE_MAP_IDS[feature_map],
+        HAS_BIAS=bias is not None,
         COMPLEMENT=complement,
         EVEN=even_tiles(L, block_q, block_k, D),
         IS_INTERPRET=IS_INTERPRET,
@@ -349,4 +372,4 @@ def linear_attn_bwd_q(
     if complement:
         dweight -= f_part.sum(dim=(0, 1))[:D, :D]
     ds = F.pad(g.transpose(-1, -2) @ weight.float(), (0, DP - D, 0, DP - D)).to(torch.bfloat16).contiguous()
-    return LinearGrads(dq, ds, dz_part.sum(dim=1), dweight, db_part.sum(dim=(0, 1))[:D], u, r, t)
+    return LinearGrads(delta, dq, ds, dz_part.sum(dim=1), dweight, db_part.sum(dim=(0, 1))[:D], u, r, t)

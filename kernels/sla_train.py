@@ -6,8 +6,9 @@ Forward: one pass over K and V for the K mean and the linear state (``kv_stats``
 side (``linear_attn_bwd_q``), then dQ and dK/dV (``sparse_attn_train_bwd``). No host synchronisation and no
 data-dependent allocation in either.
 
-Saved for the backward: q, k, v, the sparse branch's output o_s (compute dtype), the LSE ([B*H, L] fp32), the
-look-up table and the [D, D] linear state per head: the memory of SDPA's saved tensors plus O(L / block) metadata.
+Saved for the backward: q, k, v, the output itself, the LSE ([B*H, L] fp32), the look-up table and the [D, D]
+linear state per head: what SDPA keeps plus O(L / block) metadata (the sparse branch's own output is recovered as
+``out - proj_l(o_l)`` in the backward, which recomputes the linear branch).
 """
 
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class TrainSpec:
 
 
 class SLATrainFunction(torch.autograd.Function):
-    """``out = o_s + proj_l(o_l)`` written into ``out`` (marked dirty); gradients to q, k, v, weight, bias.
+    """``out = o_s + proj_l(o_l)`` written into ``out`` (marked dirty, saved); gradients to q, k, v, weight, bias.
 
     ``kv``, ``ksum`` (the linear state of k and v, computed without autograd) are inputs only to share the pass
     over K and V with the selection; the backward carries their dependence on k and v itself.
@@ -43,7 +44,8 @@ class SLATrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, q, k, v, weight, bias, lut, kv, ksum, spec: TrainSpec):
         has_linear = spec.linear in ("all", "complement")
-        o_s, lse = sparse_attn_train_fwd(
+        bias = None if bias is None or spec.linear == "none" else bias.float().contiguous()
+        lse = sparse_attn_train_fwd(
             q,
             k,
             v,
@@ -53,19 +55,19 @@ class SLATrainFunction(torch.autograd.Function):
             spec.sm_scale,
             out,
             linear=linear_state(kv, ksum, weight) if has_linear else None,
-            bias=None if bias is None or spec.linear == "none" else bias.float().contiguous(),
+            bias=bias,
             feature_map=spec.feature_map,
             complement=spec.linear == "complement",
         )
         ctx.mark_dirty(out)
-        ctx.save_for_backward(q, k, v, o_s, lse, lut, kv, ksum, weight, bias)
+        ctx.save_for_backward(q, k, v, out, lse, lut, kv, ksum, weight, bias)
         ctx.spec = spec
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        q, k, v, o_s, lse, lut, kv, ksum, weight, bias = ctx.saved_tensors
+        q, k, v, out, lse, lut, kv, ksum, weight, bias = ctx.saved_tensors
         spec = ctx.spec
         if d_out.stride(-1) != 1:
             d_out = d_out.contiguous()
@@ -74,13 +76,13 @@ class SLATrainFunction(torch.autograd.Function):
         if spec.linear in ("all", "complement"):
             state = linear_state(kv, ksum, weight)
             linear = linear_attn_bwd_q(
-                q, k, v, d_out, lut, state, weight, spec.feature_map, complement, spec.block_q, spec.block_k
+                q, k, v, d_out, out, bias, lut, state, weight, spec.feature_map, complement, spec.block_q, spec.block_k
             )
         dq, dk, dv = sparse_attn_train_bwd(
             q,
             k,
             v,
-            o_s,
+            out,
             lse,
             d_out,
             lut,
@@ -88,16 +90,17 @@ class SLATrainFunction(torch.autograd.Function):
             spec.block_k,
             spec.sm_scale,
             linear=linear,
+            bias=bias if linear is None else None,
             feature_map=spec.feature_map,
             complement=complement,
         )
         d_weight = d_bias = None
         if spec.linear == "bias":
             d_weight = torch.zeros_like(weight)
-            d_bias = None if bias is None else d_out.float().sum(dim=(0, 1, 2)).to(bias.dtype)
+            d_bias = None if bias is None else d_out.float().sum(dim=(0, 1, 2))
         elif linear is not None:
             d_weight = linear.dweight.to(weight.dtype)
-            d_bias = None if bias is None else linear.dbias.to(bias.dtype)
+            d_bias = None if bias is None else linear.dbias
         return None, dq, dk, dv, d_weight, d_bias, None, None, None, None
 
 

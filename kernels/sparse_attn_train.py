@@ -5,10 +5,12 @@ fused). Unquantized: Q.K^T and P.V in the compute dtype (fp16 / bf16) with fp32 
 (``sm_scale * log2(e)`` folded in), any L (masked tails), head dims padded to DP = a power of two.
 
 - Forward, one program per (query block, batch * head): Q resident, an online exp2 softmax over the key blocks of
-  ``lut``; stores ``o_s`` and the natural-log LSE per row, and in the epilogue adds the linear branch and ``proj_l``
-  (scope "complement" subtracts the selected blocks' share inside the loop, see ``linear_attn``).
-- Backward dQ, one program per (query block, head): ``delta = rowsum(dO * o_s)`` (stored for dK/dV), then the
-  same walk: ``P = exp2(S - LSE)``, ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
+  ``lut``; the epilogue adds the linear branch and ``proj_l`` (scope "complement" subtracts the selected blocks'
+  share inside the loop, see ``linear_attn``) and stores ``out`` and the natural-log LSE per row. Only ``out`` and
+  the LSE are kept for the backward, as SDPA keeps.
+- Backward dQ, one program per (query block, head): ``delta = rowsum(dO * o_s)`` for the sparse branch's output
+  ``o_s = out - proj_l(o_l)`` (from ``linear_attn_bwd_q`` with the linear branch, else here; stored for dK/dV),
+  then the same walk: ``P = exp2(S - LSE)``, ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
 - Backward dK/dV, one program per (key block, head), longest first: walks the query blocks that selected the key
   block (``key_block_queries``, the inverse of ``lut``), ``dV += P^T dO``, ``dK += dS^T Q``; the epilogue adds the
   linear branch's key side (``dS_lin``, ``dz`` from ``linear_attn_bwd_q``).
@@ -61,10 +63,6 @@ def sla_train_fwd_kernel(
     s_vh,
     s_vl,
     lut,
-    o_s,
-    s_sb,
-    s_sh,
-    s_sl,
     lse,
     out,
     s_ob,
@@ -129,19 +127,16 @@ def sla_train_fwd_kernel(
             b_cn, b_cd = complement_step(b_phiq, b_k, b_v, o_t, L, m_d, b_cn, b_cd, FEATURE, EVEN, IS_INTERPRET)
     b_o = b_acc / b_l[:, None]
     tl.store(lse + i_bh64 * L + o_q, (b_m + tl.log2(b_l)) * LN2, mask=o_q < L)
-    tl.store(tile_ptrs(head_base(o_s, i_bh, H, s_sb, s_sh), o_q, s_sl, o_d), b_o.to(o_s.dtype.element_ty), mask=m_o)
-    if HAS_LINEAR or HAS_BIAS:
-        if HAS_LINEAR:
-            if not COMPLEMENT:
-                b_phiq = feature_map(b_q.to(tl.float32), m_d, FEATURE)
-            b_y, _ = linear_rows(
-                b_phiq, kw + i_bh64 * DP * DP, z + i_bh64 * DP, w, o_d, b_cn, b_cd, DP, COMPLEMENT, IS_INTERPRET
-            )
-            b_o += b_y
-        if HAS_BIAS:
-            b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
-        p_out = tile_ptrs(head_base(out, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d)
-        tl.store(p_out, b_o.to(out.dtype.element_ty), mask=m_o)
+    if HAS_LINEAR:
+        if not COMPLEMENT:
+            b_phiq = feature_map(b_q.to(tl.float32), m_d, FEATURE)
+        b_y, _ = linear_rows(
+            b_phiq, kw + i_bh64 * DP * DP, z + i_bh64 * DP, w, o_d, b_cn, b_cd, DP, COMPLEMENT, IS_INTERPRET
+        )
+        b_o += b_y
+    if HAS_BIAS:
+        b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
+    tl.store(tile_ptrs(head_base(out, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d), b_o.to(out.dtype.element_ty), mask=m_o)
 
 
 @triton.jit
@@ -162,10 +157,11 @@ def sla_train_bwd_dq_kernel(
     s_db,
     s_dh,
     s_dl,
-    o_s,
-    s_sb,
-    s_sh,
-    s_sl,
+    out,
+    s_ob,
+    s_oh,
+    s_ol,
+    bias,
     lut,
     lse,
     delta,
@@ -188,6 +184,7 @@ def sla_train_bwd_dq_kernel(
     BQ: tl.constexpr,
     BK: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     COMPLEMENT: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN: tl.constexpr,
@@ -206,10 +203,15 @@ def sla_train_bwd_dq_kernel(
     # [BQ, DP] resident
     b_q = load_rows(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d, L, D, EVEN)
     b_do = load_rows(head_base(do, i_bh, H, s_db, s_dh), o_q, s_dl, o_d, L, D, EVEN)
-    b_os = load_rows(head_base(o_s, i_bh, H, s_sb, s_sh), o_q, s_sl, o_d, L, D, EVEN)
-    # [BQ]
-    b_delta = tl.sum(b_do.to(tl.float32) * b_os.to(tl.float32), axis=1)
-    tl.store(delta + i_bh64 * L + o_q, b_delta, mask=m_q)
+    # [BQ] delta = rowsum(dO * o_s): given with the linear branch, else o_s = out - bias
+    if HAS_LINEAR:
+        b_delta = tl.load(delta + i_bh64 * L + o_q, mask=m_q, other=0.0)
+    else:
+        b_os = load_rows(head_base(out, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d, L, D, EVEN).to(tl.float32)
+        if HAS_BIAS:
+            b_os -= tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
+        b_delta = tl.sum(b_do.to(tl.float32) * b_os, axis=1)
+        tl.store(delta + i_bh64 * L + o_q, b_delta, mask=m_q)
     b_lse = tl.load(lse + i_bh64 * L + o_q, mask=m_q, other=0.0) * LOG2E
     b_do = b_do.to(b_q.dtype)
     if COMPLEMENT:
@@ -399,25 +401,22 @@ def sparse_attn_train_fwd(
     complement: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward; writes ``out`` = o_s (+ the linear branch and bias when given).
+) -> torch.Tensor:
+    """Launch the forward; writes ``out`` = o_s + ``proj_l(o_l)`` (the parts given) and returns the LSE.
 
     Args:
         q, k, v: [B, H, L, D] views in the compute dtype with unit stride on D.
         lut: [B, H, NQ, S] int32, ascending.
         out: [B, H, L, D] view of the output (any float dtype, unit stride on D).
-        linear: ``linear_attn.linear_state`` of this call, to add ``proj_l(o_l)`` without its bias, or None.
+        linear: ``linear_attn.linear_state`` of this call, to add ``o_l W^T``, or None.
         bias: [D] fp32 added to every row, or None.
         complement: scope "complement" (the selected blocks' share is removed from the linear state).
     Returns:
-        o_s: the sparse branch [B, H, L, D] in the compute dtype (``out`` itself without linear branch and bias);
-        lse: [B*H, L] fp32 natural-log sum of exp of the scaled scores over the selected keys.
+        lse: [B*H, L] fp32, natural log of the sum of exp(sm_scale * q.k) over each row's selected keys.
     """
     B, H, L, D = q.shape
     DP, NQ = padded_head_dim(D), triton.cdiv(L, block_q)
     lut = lut.contiguous()
-    fused = linear is not None or bias is not None
-    o_s = torch.empty(B, H, L, D, device=q.device, dtype=q.dtype) if fused else out
     lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     kw, z, weight = (linear.kw, linear.z, linear.w) if linear is not None else (lse, lse, lse)
     sla_train_fwd_kernel[(NQ, B * H)](
@@ -428,8 +427,6 @@ def sparse_attn_train_fwd(
         v,
         *v.stride()[:3],
         lut,
-        o_s,
-        *o_s.stride()[:3],
         lse,
         out,
         *out.stride()[:3],
@@ -454,14 +451,14 @@ def sparse_attn_train_fwd(
         IS_INTERPRET=IS_INTERPRET,
         **_launch("fwd", D, complement, num_warps, num_stages),
     )
-    return o_s, lse
+    return lse
 
 
 def sparse_attn_train_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    o_s: torch.Tensor,
+    out: torch.Tensor,
     lse: torch.Tensor,
     d_out: torch.Tensor,
     lut: torch.Tensor,
@@ -470,16 +467,19 @@ def sparse_attn_train_bwd(
     sm_scale: float,
     *,
     linear: LinearGrads | None = None,
+    bias: torch.Tensor | None = None,
     feature_map: str = "softmax",
     complement: bool = False,
     launch: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward: dQ, then dK and dV (which read the dQ kernel's ``delta``).
+    """Launch the backward: dQ, then dK and dV (which read the ``delta`` of the dQ kernel or of ``linear``).
 
     Args:
-        q, k, v, lut, block_q, block_k, sm_scale: as the forward; o_s, lse: the forward's.
+        q, k, v, lut, block_q, block_k, sm_scale: as the forward; out, lse: the forward's.
         d_out: [B, H, L, D] dLoss/dout (any float dtype, unit stride on D).
         linear: the linear branch's query-side gradients (``linear_attn_bwd_q``), or None without the branch.
+        bias: the forward's bias [D] fp32 when it ran without the linear branch (scope "complement", every block
+            selected), else None.
         launch: {"dq": (num_warps, num_stages), "dkv": (...)} overriding ``LAUNCH``.
     Returns:
         dq, dk, dv: [B, H, L, D] in the compute dtype, strided like q, k, v.
@@ -488,11 +488,12 @@ def sparse_attn_train_bwd(
     DP, NQ, NK = padded_head_dim(D), triton.cdiv(L, block_q), triton.cdiv(L, block_k)
     lut = lut.contiguous()
     launch = launch or {}
-    even = even_tiles(L, block_q, block_k, D)
-    feature = FEATURE_MAP_IDS[feature_map]
-    delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dq_lin, ds, dz = (linear.dq, linear.ds, linear.dz) if linear is not None else (lse, lse, lse)
+    if linear is not None:
+        delta, dq_lin, ds, dz = linear.delta, linear.dq, linear.ds, linear.dz
+    else:
+        delta = torch.empty_like(lse)
+        dq_lin = ds = dz = lse
     rows = (linear.u, linear.r, linear.t) if complement else (lse, lse, lse)
     common = {
         "D": D,
@@ -501,15 +502,16 @@ def sparse_attn_train_bwd(
         "BK": block_k,
         "HAS_LINEAR": linear is not None,
         "COMPLEMENT": complement,
-        "FEATURE": feature,
-        "EVEN": even,
+        "FEATURE": FEATURE_MAP_IDS[feature_map],
+        "EVEN": even_tiles(L, block_q, block_k, D),
         "IS_INTERPRET": IS_INTERPRET,
     }
     qkv_do = (q, *q.stride()[:3], k, *k.stride()[:3], v, *v.stride()[:3], d_out, *d_out.stride()[:3])
     sla_train_bwd_dq_kernel[(NQ, B * H)](
         *qkv_do,
-        o_s,
-        *o_s.stride()[:3],
+        out,
+        *out.stride()[:3],
+        lse if bias is None else bias,
         lut,
         lse,
         delta,
@@ -523,6 +525,7 @@ def sparse_attn_train_bwd(
         H,
         NQ,
         lut.shape[-1],
+        HAS_BIAS=bias is not None,
         **common,
         **_launch("dq", D, complement, *launch.get("dq", (None, None))),
     )

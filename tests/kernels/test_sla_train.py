@@ -20,13 +20,14 @@ from sagesla.testing import assert_close, expand_block_mask
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Kernel vs fp32 reference on the same inputs and selection, rel-L1, with a strong proj_l (std 0.3) so the linear
-# branch weighs as much as the sparse one. Worst measured under the interpreter over CASES (fp16 / bf16):
-# out 2.4e-3 / 2.4e-3; dq, dk 3.1e-3 / 9.1e-3; dv 8.3e-3 / 1.0e-2 (the branch's D x D products run in bf16, and
-# the interpreter truncates to bf16); dW 6.4e-3; db 1.5e-7 (an fp32 sum of dY).
-TOL_OUT = {torch.float16: 5e-3, torch.bfloat16: 5e-3}
+# branch weighs as much as the sparse one; ``out`` (and so dLoss/dout) in the compute dtype. Worst measured under
+# the interpreter over CASES (fp16 / bf16): out 2.4e-3 / 4.8e-3 (rounded to the dtype); dq, dk 3.2e-3 / 7.6e-3;
+# dv 8.6e-3 / 9.8e-3 (the branch's D x D products run in bf16, and the interpreter truncates to bf16); dW 6.4e-3;
+# db 2.5e-4 / 1.9e-3 (a sum of dout, which is rounded to the dtype).
+TOL_OUT = {torch.float16: 5e-3, torch.bfloat16: 1e-2}
 TOL_GRAD = {torch.float16: 1.5e-2, torch.bfloat16: 2e-2}
 TOL_DW = 1.2e-2
-TOL_DB = 1e-5
+TOL_DB = 5e-3
 TOL_LSE = 1e-4
 
 
@@ -65,12 +66,13 @@ def _reference(q, k, v, w, bias, grad, lut, bq, bk, scope, feature):
     return o.detach(), [x.grad for x in leaves]
 
 
-def _triton(q, k, v, w, bias, grad, lut, bq, bk, scope, feature, out_dtype=torch.float32):
+def _triton(q, k, v, w, bias, grad, lut, bq, bk, scope, feature, out_dtype=None):
+    """The kernels' out and grads; ``out`` in the compute dtype unless given (the backward reads it back)."""
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
     if w is not None:
         leaves += [w.clone().requires_grad_(), bias.clone().requires_grad_()]
     stats = kv_stats(k, v, False, feature) if w is not None else None
-    out = torch.full(q.shape, float("nan"), device=q.device, dtype=out_dtype)
+    out = torch.full(q.shape, float("nan"), device=q.device, dtype=out_dtype or q.dtype)
     o = sparse_linear_train(
         *leaves[:3],
         lut,
@@ -117,11 +119,11 @@ def test_triton_train_vs_reference(shape, bq, bk, dtype, scope, feature, topk):
     _compare(name, _reference(*case, bq, bk, scope, feature), _triton(*case, bq, bk, scope, feature), dtype)
 
 
-def test_triton_train_without_linear_branch_and_16bit_output():
+def test_triton_train_without_linear_branch_and_fp32_output():
     q, k, v, _, _, grad, lut = _case((1, 2, 77, 64), 32, 32, torch.float16, 0.5, DEVICE)
     ref = _reference(q, k, v, None, None, grad, lut, 32, 32, "all", "softmax")
-    tri = _triton(q, k, v, None, None, grad, lut, 32, 32, "all", "softmax", out_dtype=torch.float16)
-    assert tri[0].dtype == torch.float16
+    tri = _triton(q, k, v, None, None, grad, lut, 32, 32, "all", "softmax", out_dtype=torch.float32)
+    assert tri[0].dtype == torch.float32
     _compare("no linear", ref, tri, torch.float16)
 
 
@@ -130,7 +132,7 @@ def test_forward_lse_vs_float64():
     bq = bk = 32
     q, k, v, _, _, _, lut = _case((1, 2, 77, 64), bq, bk, torch.float16, 0.5, DEVICE)
     out = torch.full(q.shape, float("nan"), device=q.device, dtype=q.dtype)
-    _, lse = sparse_attn_train_fwd(q, k, v, lut, bq, bk, 64**-0.5, out)
+    lse = sparse_attn_train_fwd(q, k, v, lut, bq, bk, 64**-0.5, out)
     mask = expand_block_mask(lut_to_mask(lut, 3), 77, bq, bk)
     scores = (q.double() @ k.double().transpose(-1, -2)) * 64**-0.5
     ref = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), dim=-1)
@@ -255,6 +257,6 @@ def test_gpu_backward_bit_identical_and_memory():
         out=out,
     )
     held = torch.cuda.memory_allocated() - before
-    # out + o_s (bf16) + LSE (fp32 per row) + [D, D] states; an L x L score matrix would be 2 GiB here.
-    assert held <= 2 * q.numel() * 2 + q[..., 0].numel() * 4 + (1 << 20), held
+    # out (bf16) + LSE (fp32 per row) + [D, D] states, as SDPA's out + LSE; an L x L score matrix would be 2 GiB.
+    assert held <= q.numel() * 2 + q[..., 0].numel() * 4 + (1 << 20), held
     o.sum().backward()
