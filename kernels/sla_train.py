@@ -78,22 +78,24 @@ class SLATrainFunction(torch.autograd.Function):
             linear = linear_attn_bwd_q(
                 q, k, v, d_out, out, bias, lut, state, weight, spec.feature_map, complement, spec.block_q, spec.block_k
             )
-        dq, dk, dv = sparse_attn_train_bwd(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            d_out,
-            lut,
-            spec.block_q,
-            spec.block_k,
-            spec.sm_scale,
-            linear=linear,
-            bias=bias if linear is None else None,
-            feature_map=spec.feature_map,
-            complement=complement,
-        )
+        dq = dk = dv = None
+        if any(ctx.needs_input_grad[1:4]):
+            dq, dk, dv = sparse_attn_train_bwd(
+                q,
+                k,
+                v,
+                out,
+                lse,
+                d_out,
+                lut,
+                spec.block_q,
+                spec.block_k,
+                spec.sm_scale,
+                linear=linear,
+                bias=bias if linear is None else None,
+                feature_map=spec.feature_map,
+                complement=complement,
+            )
         d_weight = d_bias = None
         if spec.linear == "bias":
             d_weight = torch.zeros_like(weight)

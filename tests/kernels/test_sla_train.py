@@ -127,6 +127,22 @@ def test_triton_train_without_linear_branch_and_fp32_output():
     _compare("no linear", ref, tri, torch.float16)
 
 
+def test_frozen_inputs_train_only_proj_l():
+    """With q, k, v not requiring grad the sparse backward is skipped; proj_l still gets its gradients."""
+    q, k, v, w, bias, grad, lut = _case((1, 2, 77, 64), 32, 32, torch.float16, 0.5, DEVICE)
+    ref = _reference(q, k, v, w, bias, grad, lut, 32, 32, "all", "softmax")[1]
+    leaves = [w.clone().requires_grad_(), bias.clone().requires_grad_()]
+    stats = kv_stats(k, v, False, "softmax")
+    kwargs = {"block_q": 32, "block_k": 32, "sm_scale": 0.125, "feature_map": "softmax", "linear_scope": "all"}
+    out = torch.empty_like(q)
+    o = sparse_linear_train(
+        q, k, v, lut, stats.kv, stats.ksum, **kwargs, proj_weight=leaves[0], proj_bias=leaves[1], out=out
+    )
+    (o * grad).sum().backward()
+    assert_close("dW", ref[3], leaves[0].grad, TOL_DW)
+    assert_close("db", ref[4], leaves[1].grad, TOL_DB)
+
+
 def test_forward_lse_vs_float64():
     """The saved log-sum-exp: natural log of the sum of exp(sm_scale * q.k) over the selected keys of each row."""
     bq = bk = 32
