@@ -1,7 +1,7 @@
 """Compile the trainable SLA's Triton kernels for a GPU architecture on a machine without a GPU.
 
 Usage:
-    python scripts/compile_check.py [--arch 90] [--head-dims 64 128] [--length 4095]
+    python scripts/compile_check.py [--arch 90] [--head-dims 64 128] [--length 4095] [--dtype bfloat16]
 
 Runs the launchers on CPU tensors with the interpreter off and every kernel launch replaced by
 ``triton.compile`` for ``cuda:<arch>`` (the wheel's own ptxas), then prints each variant's registers, spill stack
@@ -92,10 +92,10 @@ def install_compiler(arch: int) -> None:
     JITFunction.__getitem__ = getitem
 
 
-def check(head_dim: int, length: int) -> None:
+def check(head_dim: int, length: int, dtype: torch.dtype) -> None:
     """Launch every variant of the training kernels once (scopes none, bias only, all, complement)."""
     bq = bk = 64
-    q = k = v = out = torch.zeros(1, 2, length, head_dim, dtype=torch.bfloat16)
+    q = k = v = out = torch.zeros(1, 2, length, head_dim, dtype=dtype)
     lut = torch.zeros(1, 2, triton.cdiv(length, bq), 3, dtype=torch.int32)
     weight, bias = torch.zeros(head_dim, head_dim), torch.zeros(head_dim)
     state = linear_state(torch.zeros(1, 2, head_dim, head_dim), torch.zeros(1, 2, head_dim), weight)
@@ -118,11 +118,12 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--length", type=int, default=4095, help="L (odd: the masked-tail variants)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compute dtype")
     args = parser.parse_args()
-    print(f"triton {triton.__version__}, cuda:{args.arch}")
+    print(f"triton {triton.__version__}, cuda:{args.arch}, {args.dtype}")
     install_compiler(args.arch)
     for head_dim in args.head_dims:
-        check(head_dim, args.length)
+        check(head_dim, args.length, getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
