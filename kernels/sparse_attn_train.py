@@ -227,11 +227,8 @@ def sla_train_bwd_dq_kernel(
         # [BK, DP]
         b_k = load_rows(p_k, o_t, s_kl, o_d, L, D, EVEN)
         b_v = load_rows(p_v, o_t, s_vl, o_d, L, D, EVEN)
-        # [BQ, BK]
-        b_s = dot(b_q, tl.trans(b_k), IS_INTERPRET) * qk_scale
-        if not EVEN:
-            b_s = tl.where((o_t < L)[None, :], b_s, float("-inf"))
-        b_p = tl.exp2(b_s - b_lse[:, None])
+        # [BQ, BK]; keys past L need no mask here: their rows of K and V read 0, so they add 0 to dQ
+        b_p = tl.exp2(dot(b_q, tl.trans(b_k), IS_INTERPRET) * qk_scale - b_lse[:, None])
         b_dp = dot(b_do, tl.trans(b_v), IS_INTERPRET)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += dot(b_ds.to(b_k.dtype), b_k, IS_INTERPRET)
