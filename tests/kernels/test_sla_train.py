@@ -100,10 +100,12 @@ def _compare(name, ref, tri, dtype):
         assert_close(f"{name} {label}", r, t.float(), tol)
 
 
-# (shape, BQ, BK, dtype, scope, feature map, topk): odd lengths (tails), padded head dims (48 -> 64, 80 -> 128),
-# BQ != BK, both scopes, topk < 1 and topk = 1 (scope "complement" then keeps only proj_l's bias).
+# (shape, BQ, BK, dtype, scope, feature map, topk): odd lengths (tails) and whole tiles (unmasked loads), padded
+# head dims (48 -> 64, 80 -> 128), BQ != BK, both scopes, topk < 1 and topk = 1 (scope "complement" then keeps
+# only proj_l's bias). A mutation check (dropping any one mask, delta term or partial sum) fails at least one case.
 CASES = [
     pytest.param((1, 2, 77, 64), 32, 32, torch.bfloat16, "all", "softmax", 0.5, id="L77-D64-bf16-all"),
+    pytest.param((1, 2, 128, 64), 32, 32, torch.float16, "all", "softmax", 0.5, id="L128-D64-fp16-all-even"),
     pytest.param((1, 2, 77, 64), 32, 32, torch.float16, "complement", "softmax", 0.5, id="L77-D64-fp16-complement"),
     pytest.param((1, 1, 100, 48), 32, 32, torch.float16, "complement", "elu", 0.3, id="L100-D48-fp16-complement-elu"),
     pytest.param((2, 1, 130, 80), 64, 32, torch.bfloat16, "all", "relu", 0.4, id="B2-L130-D80-bf16-all-relu-64x32"),
