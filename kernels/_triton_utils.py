@@ -16,6 +16,11 @@ def padded_head_dim(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
+def even_tiles(length: int, block_q: int, block_k: int, head_dim: int) -> bool:
+    """Whether every query and key tile is whole and D needs no padding, so loads can go unmasked."""
+    return length % block_q == 0 and length % block_k == 0 and head_dim == padded_head_dim(head_dim)
+
+
 @triton.jit
 def feature_map(x, m_d, FEATURE: tl.constexpr):
     """phi of SLA's linear branch over the last dim of x [N, DP]; padded columns (m_d False) come out 0."""
@@ -56,3 +61,38 @@ def head_base(x, i_bh, H, s_b, s_h):
 def tile_ptrs(base, o_t, s_l, o_d):
     """Pointers [len(o_t), len(o_d)] to rows ``o_t`` (stride ``s_l``) and unit-stride columns ``o_d`` of ``base``."""
     return base + o_t.to(tl.int64)[:, None] * s_l + o_d[None, :]
+
+
+@triton.jit
+def feature_map_vjp(x, phi, g, FEATURE: tl.constexpr):
+    """Gradient with respect to x [N, DP] of ``sum(g * feature_map(x))``, given phi = feature_map(x) (fp32)."""
+    if FEATURE == 0:
+        dx = phi * (g - tl.sum(g * phi, axis=1)[:, None])
+    elif FEATURE == 1:
+        # d/dx (elu(x) + 1) is 1 above zero and exp(x) = phi below.
+        dx = tl.where(x > 0, g, g * phi)
+    else:
+        dx = tl.where(x > 0, g, 0.0)
+    return dx
+
+
+@triton.jit
+def dot(a, b, IS_INTERPRET: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; the interpreter gets fp32 operands (its bf16 dot is wrong)."""
+    if IS_INTERPRET:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def load_rows(base, o_t, s_l, o_d, L, D: tl.constexpr, EVEN: tl.constexpr):
+    """Tile [len(o_t), DP] of rows ``o_t`` of ``base``; rows >= L and columns >= D read 0 unless ``EVEN``
+    (every row real and D a power of two), where the load is unmasked."""
+    p = tile_ptrs(base, o_t, s_l, o_d)
+    if EVEN:
+        x = tl.load(p)
+    else:
+        x = tl.load(p, mask=(o_t < L)[:, None] & (o_d < D)[None, :], other=0.0)
+    return x

@@ -1,6 +1,11 @@
-"""Row-block helpers of the references: padding L to whole blocks and counting real rows."""
+"""Row-block helpers of the references: padding L to whole blocks and counting real rows; the math dtype."""
 
 import torch
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or unchanged if float64: the references compute in fp32 and stay exact for float64 checks."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

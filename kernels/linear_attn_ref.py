@@ -7,7 +7,7 @@ selected for it: ``S_i = S - sum_{j in lut_i} S_j``. Then ``proj_l(o_l) = o_l W^
 
 import torch
 
-from sagesla.kernels.blocks_ref import to_blocks
+from sagesla.kernels.blocks_ref import at_least_fp32, to_blocks
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("all", "complement")
@@ -15,8 +15,8 @@ DENOM_EPS = 1e-5
 
 
 def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:
-    """phi over the last dim, in fp32: softmax, elu(x) + 1, or relu."""
-    x = x.float()
+    """phi over the last dim, in fp32 (float64 stays float64): softmax, elu(x) + 1, or relu."""
+    x = at_least_fp32(x)
     if name == "softmax":
         return torch.softmax(x, dim=-1)
     if name == "elu":
@@ -41,7 +41,7 @@ def linear_state_ref(
     length = k.shape[-2]
     real = (torch.arange(phi_k.shape[-3] * block_k, device=k.device) < length).view(phi_k.shape[-3], block_k, 1)
     phi_k = phi_k * real
-    return phi_k.transpose(-1, -2) @ to_blocks(v.float(), block_k), phi_k.sum(dim=-2)
+    return phi_k.transpose(-1, -2) @ to_blocks(at_least_fp32(v), block_k), phi_k.sum(dim=-2)
 
 
 def linear_attn_ref(
@@ -71,13 +71,13 @@ def linear_attn_ref(
     phi_q = feature_map_ref(q, feature_map)
     if scope == "all":
         phi_k = feature_map_ref(k, feature_map)
-        kv = phi_k.transpose(-1, -2) @ v.float()
+        kv = phi_k.transpose(-1, -2) @ at_least_fp32(v)
         o_l = (phi_q @ kv) / (DENOM_EPS + phi_q @ phi_k.sum(dim=-2)[..., None])
     elif scope == "complement":
         if block_mask is None:
             raise ValueError("linear_attn_ref: scope='complement' needs `block_mask`")
         kv_blocks, ksum_blocks = linear_state_ref(k, v, feature_map, block_k)
-        rest = (~block_mask).float()
+        rest = (~block_mask).to(kv_blocks.dtype)
         kv = (rest @ kv_blocks.flatten(-2)).unflatten(-1, kv_blocks.shape[-2:])
         ksum = rest @ ksum_blocks
         phi_qb = to_blocks(phi_q, block_q)
@@ -85,5 +85,5 @@ def linear_attn_ref(
         o_l = o_l.flatten(-3, -2)[..., : q.shape[-2], :]
     else:
         raise ValueError(f"scope must be one of {LINEAR_SCOPES}, got {scope!r}")
-    o_l = o_l @ proj_weight.float().t()
-    return o_l if proj_bias is None else o_l + proj_bias.float()
+    o_l = o_l @ at_least_fp32(proj_weight).t()
+    return o_l if proj_bias is None else o_l + at_least_fp32(proj_bias)

@@ -30,6 +30,9 @@ def sla_forward_ref(
 ) -> torch.Tensor:
     """SLA forward: block selection, sparse branch, linear branch, sum.
 
+    Differentiable (unquantized): ``out`` receives the result through ``copy_``, so autograd reaches q, k, v and
+    ``proj_l`` from it (the quantized path's rounding has no useful gradient).
+
     Args:
         q, k, v: [B, H, L, D] in the compute dtype (fp16 / bf16).
         topk: fraction of key blocks each query block keeps.
@@ -50,8 +53,10 @@ def sla_forward_ref(
         v_q, v_scale = quant_v_fp8_ref(v, stats.v_amax) if stats.v_amax is not None else (v, None)
         o = sparse_attn_quant_ref(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_q, v_scale, lut, block_q, block_k)
     else:
-        k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
-        lut = select_blocks_ref(pool_blocks_ref(q, block_q), pool_blocks_ref(k_smooth, block_k), topk)
+        # The selection is not differentiated (as in the paper): gradients reach q, k, v through the branches.
+        with torch.no_grad():
+            k_smooth = k.float() - k.float().mean(dim=-2, keepdim=True)
+            lut = select_blocks_ref(pool_blocks_ref(q, block_q), pool_blocks_ref(k_smooth, block_k), topk)
         o = sparse_attn_ref(q, k, v, lut, block_q, block_k, sm_scale)
     if proj_weight is not None:
         mask = lut_to_mask(lut, -(-k.shape[-2] // block_k)) if linear_scope == "complement" else None

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from sagesla.kernels.blocks_ref import to_blocks
+from sagesla.kernels.blocks_ref import at_least_fp32, to_blocks
 from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, LOG2E
 
 # Bytes of fp32 score temporaries one chunk of heads may hold.
@@ -64,8 +64,8 @@ def _attend(
 
 
 def _flat_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B*H, N, block, D] fp32."""
-    return to_blocks(x.float(), block).flatten(0, 1)
+    """[B, H, L, D] -> [B*H, N, block, D] fp32 (float64 stays float64)."""
+    return to_blocks(at_least_fp32(x), block).flatten(0, 1)
 
 
 def _unflatten(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

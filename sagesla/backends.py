@@ -63,11 +63,9 @@ def triton_unsupported_reason(
         return "triton is not installed"
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the kernels need CUDA tensors, got {q.device.type} (TRITON_INTERPRET=1 runs them on CPU)"
-    if not quantized:
-        return "the unquantized SLA runs on the torch backend until its Triton kernels land"
-    if linear_scope != "all":
-        return f"linear_scope={linear_scope!r} runs on the torch backend (the kernels fuse scope 'all')"
-    if pv_precision == "fp8" and q.device.type == "cuda" and not _has_fp8_mma(q.device):
+    if quantized and linear_scope != "all":
+        return f"linear_scope={linear_scope!r} runs on the torch backend (the SageSLA kernels fuse scope 'all')"
+    if quantized and pv_precision == "fp8" and q.device.type == "cuda" and not _has_fp8_mma(q.device):
         return "FP8 P.V needs an sm89+ GPU (use pv_precision='half')"
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM}"
@@ -102,10 +100,17 @@ def resolve_backend(
     return "torch"
 
 
-def forward_for(backend: str):
-    """The pipeline function of a resolved backend; both share ``sla_forward_ref``'s signature."""
+def forward_for(backend: str, quantized: bool):
+    """The pipeline function of a resolved backend; all share ``sla_forward_ref``'s signature.
+
+    On Triton, SageSLA (``quantized``) is the inference pipeline and SLA the trainable one (with autograd).
+    """
     if backend == "torch":
         return sla_forward_ref
-    from sagesla.kernels.sla import sla_forward
+    if quantized:
+        from sagesla.kernels.sla import sla_forward
 
-    return sla_forward
+        return sla_forward
+    from sagesla.kernels.sla_train import sla_train_forward
+
+    return sla_train_forward

@@ -65,6 +65,11 @@ def sparse_linear_attn(
         check_inputs: raise on NaN/Inf inputs (synchronizes with the device). Unchecked, a NaN/Inf input gives
             NaN wherever dense attention's output would be non-finite, and possibly in more rows of the same
             block or head, never a finite wrong value.
+    Gradients: with ``quantized=False`` (SLA) the output is differentiable on both backends: autograd reaches q, k, v,
+    ``proj_weight`` and ``proj_bias`` (the block selection is not differentiated). On Triton this runs the training
+    kernels, which keep only o and its log-sum-exp for the backward. The quantized path is for inference (its Triton
+    kernels record no graph).
+
     Returns:
         o in q's dtype and layout, or (o, sparsity) with ``return_sparsity``.
     Raises:

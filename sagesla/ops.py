@@ -42,7 +42,7 @@ def run_sla(
         return out
     hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
     chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
-    backends.forward_for(chosen)(
+    backends.forward_for(chosen, quantized)(
         *hnd,
         topk=topk,
         block_q=block_q,

@@ -1,0 +1,130 @@
+"""Compile the trainable SLA's Triton kernels for a GPU architecture on a machine without a GPU.
+
+Usage:
+    python scripts/compile_check.py [--arch 90] [--head-dims 64 128] [--length 4095] [--dtype bfloat16]
+
+Runs the launchers on CPU tensors with the interpreter off and every kernel launch replaced by
+``triton.compile`` for ``cuda:<arch>`` (the wheel's own ptxas), then prints each variant's registers, spill stack
+and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fails here, before a GPU is involved;
+spills (STACK > 0) on the default path are a performance bug. Pointer and stride arguments are assumed 16-byte
+aligned, as they are for contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0), put its wheel
+first on PYTHONPATH.
+"""
+
+import argparse
+import os
+import pathlib
+import subprocess
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state  # noqa: E402
+from sagesla.kernels.sparse_attn_train import sparse_attn_train_bwd, sparse_attn_train_fwd  # noqa: E402
+
+TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+}
+
+
+def _signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
+    """Triton signature, constexprs and divisibility attributes of one launch."""
+    # positional arguments first, constexprs by keyword
+    values = dict(zip(kernel.arg_names, args, strict=False)) | kwargs
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(kernel.params):
+        value = values[param.name]
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            signature[param.name] = "i64" if abs(value) >= 2**31 else "i32"
+            if value and value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _usage(cubin: bytes) -> str:
+    """REG / STACK of a cubin, from the wheel's cuobjdump."""
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((x for x in dump.splitlines() if "REG:" in x), "")
+    return " ".join(w for w in line.split() if w.startswith(("REG:", "STACK:")))
+
+
+def install_compiler(arch: int) -> None:
+    """Make every ``kernel[grid](...)`` compile for ``cuda:arch`` and print its resource use instead of running."""
+
+    def getitem(kernel: JITFunction, grid):
+        def launch(*args, num_warps=4, num_stages=3, **kwargs):
+            signature, constexprs, attrs = _signature(kernel, args, kwargs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+            options = {"num_warps": num_warps, "num_stages": num_stages}
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+            flags = " ".join(k for k, v in constexprs.items() if v is True)
+            print(
+                f"{kernel.fn.__name__:26s} DP={constexprs.get('DP')} warps={num_warps} stages={num_stages} "
+                f"{_usage(compiled.asm['cubin'])} smem={compiled.metadata.shared} {flags}"
+            )
+
+        return launch
+
+    JITFunction.__getitem__ = getitem
+
+
+def check(head_dim: int, length: int, dtype: torch.dtype) -> None:
+    """Launch every variant of the training kernels once (scopes none, bias only, all, complement)."""
+    bq = bk = 64
+    q = k = v = out = torch.zeros(1, 2, length, head_dim, dtype=dtype)
+    lut = torch.zeros(1, 2, triton.cdiv(length, bq), 3, dtype=torch.int32)
+    weight, bias = torch.zeros(head_dim, head_dim), torch.zeros(head_dim)
+    state = linear_state(torch.zeros(1, 2, head_dim, head_dim), torch.zeros(1, 2, head_dim), weight)
+    for scope in ("none", "bias", "all", "complement"):
+        linear = state if scope in ("all", "complement") else None
+        b = None if scope == "none" else bias
+        complement = scope == "complement"
+        lse = sparse_attn_train_fwd(q, k, v, lut, bq, bk, 0.1, out, linear=linear, bias=b, complement=complement)
+        grads = None
+        if linear is not None:
+            grads = linear_attn_bwd_q(q, k, v, out, out, b, lut, state, weight, "softmax", complement, bq, bk)
+        bias_only = b if grads is None else None
+        sparse_attn_train_bwd(
+            q, k, v, out, lse, out, lut, bq, bk, 0.1, linear=grads, bias=bias_only, complement=complement
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100), 80 (A100)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--length", type=int, default=4095, help="L (odd: the masked-tail variants)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compute dtype")
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, cuda:{args.arch}, {args.dtype}")
+    install_compiler(args.arch)
+    for head_dim in args.head_dims:
+        check(head_dim, args.length, getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()
