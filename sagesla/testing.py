@@ -97,6 +97,18 @@ TINY_WAN_CONFIG = {
 }
 
 
+# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config (the other arguments keep their defaults).
+WAN21_T2V_1_3B = {
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "num_layers": 30,
+    "text_dim": 4096,
+    "eps": 1e-6,
+}
+
+
 def tiny_wan_transformer() -> torch.nn.Module:
     """A ``WanTransformer3DModel`` built from ``TINY_WAN_CONFIG`` (random weights, eval mode; needs diffusers)."""
     from diffusers import WanTransformer3DModel

@@ -20,18 +20,7 @@ from diffusers import WanTransformer3DModel
 import sagesla
 from sagesla import metrics
 from sagesla.patching.wan import SLAWanAttnProcessor
-from sagesla.testing import tiny_wan_transformer
-
-# diffusers' Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer config (the other arguments keep their defaults).
-WAN21_T2V_1_3B = {
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "ffn_dim": 8960,
-    "freq_dim": 256,
-    "num_layers": 30,
-    "text_dim": 4096,
-    "eps": 1e-6,
-}
+from sagesla.testing import WAN21_T2V_1_3B, tiny_wan_transformer
 
 
 def step_ms(model: torch.nn.Module, inputs: tuple, repeats: int) -> tuple[torch.Tensor, float]:
