@@ -4,6 +4,8 @@ import copy
 import dataclasses
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -525,3 +527,15 @@ def test_import_does_not_pull_diffusers_or_triton():
     code = "import sys, sagesla.calibration, sagesla.cli; print('diffusers' in sys.modules, 'triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == "False False"
+
+
+def test_readme_example_runs(tmp_path, monkeypatch, capsys):
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Calibrate a model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "| blocks.1.attn1 |" in printed and "budget: rel-L1 <= 0.3 on every observation" in printed
+    assert "  profile: rel_l1 budget 0.3, blocks 128x64" in printed
+    assert os.listdir(tmp_path) == ["tiny.profile.safetensors"]
