@@ -1,1 +1,28 @@
-"""Per-layer sparsity calibration (``sagesla.calibration``): records each layer's topk in a profile."""
+"""Per-layer sparsity calibration (``sagesla.calibration``): choose each layer's topk within an error budget.
+
+``calibrate`` runs the dense model over denoising steps and measures SageSLA at candidate topk values in every
+self-attention layer (``Recording``, usable around any pipeline), then ``choose`` picks the smallest topk whose
+error stays within the budget on every observation. The result is a ``Profile``: ``profile.save(path)``,
+``load_profile(path)``, ``sagesla.patch(model, profile=path)``. ``summary`` and ``plot_profile`` show it.
+Importing this package imports neither diffusers nor triton; calibrating a model needs diffusers.
+"""
+
+from sagesla.calibration.calibrate import calibrate
+from sagesla.calibration.choose import choose
+from sagesla.calibration.plot import plot_profile
+from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
+from sagesla.calibration.summary import summary
+from sagesla.profile import Measurements, Profile, ProfileError, load_profile
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Measurements",
+    "Profile",
+    "ProfileError",
+    "Recording",
+    "calibrate",
+    "choose",
+    "load_profile",
+    "plot_profile",
+    "summary",
+]

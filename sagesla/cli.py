@@ -1,9 +1,11 @@
-"""The ``sagesla`` command line: ``sagesla demo``."""
+"""The ``sagesla`` command line: ``sagesla demo``, ``sagesla calibrate``."""
 
 import argparse
 import sys
 
 import torch
+
+from sagesla.calibration import cli as calibration_cli
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=3)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    calibration_cli.add_parser(sub)
     return parser
 
 

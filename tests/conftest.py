@@ -1,6 +1,8 @@
 """Test setup: the Triton interpreter on machines without a GPU, seeds, and the ``gpu`` marker."""
 
 import os
+import pathlib
+import re
 
 import torch
 
@@ -37,3 +39,17 @@ def tiny_wan() -> torch.nn.Module:
     from sagesla.testing import tiny_wan_transformer
 
     return tiny_wan_transformer()
+
+
+@pytest.fixture
+def run_readme_example(tmp_path, monkeypatch, capsys):
+    """Run the first Python block under a README heading in an empty folder; returns what it printed."""
+
+    def run(heading: str) -> str:
+        readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+        code = re.search(r"```python\n(.*?)```", readme.split(heading, 1)[1], re.DOTALL)[1]
+        monkeypatch.chdir(tmp_path)
+        exec(compile(code, "README.md", "exec"), {})
+        return capsys.readouterr().out
+
+    return run

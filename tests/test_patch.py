@@ -3,8 +3,6 @@
 import copy
 import importlib.util
 import logging
-import pathlib
-import re
 import types
 
 import pytest
@@ -335,11 +333,6 @@ def test_missing_diffusers_raises_with_install_hint(tiny_wan, monkeypatch):
         sagesla.patch(tiny_wan, topk=0.5)
 
 
-def test_readme_example_runs(tmp_path, monkeypatch, capsys):
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Patch a Wan model", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)[1]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
+def test_readme_example_runs(run_readme_example):
+    printed = run_readme_example("## Patch a Wan model")
     assert "replaced 2, topk 0.25: blocks.0.attn1, blocks.1.attn1" in printed and "\n0.75\n" in printed

@@ -194,13 +194,22 @@ def save_sla_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if not parameters:
         raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
     tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
+    save_file_atomic(tensors, path, METADATA)
+    return list(tensors)
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file that appears complete or not at all.
+
+    The file is written beside ``path`` under a temporary name, then renamed over it (``os.replace`` is atomic on
+    one file system); on any failure the temporary file is removed and an existing ``path`` is left as it was.
+    """
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        save_file(tensors, temporary, metadata=METADATA)
+        save_file(tensors, temporary, metadata=metadata)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)
         raise
-    return list(tensors)

@@ -1,6 +1,7 @@
 """``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan models and pipelines."""
 
 import importlib.util
+import os
 from collections.abc import Mapping
 
 from torch import nn
@@ -8,6 +9,8 @@ from torch import nn
 from sagesla import validation
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
 from sagesla.patching.report import PatchReport
+from sagesla.patching.timesteps import TimestepTracker
+from sagesla.profile import LayerSpec, Profile, load_profile
 
 # Pipeline attributes holding transformers (Wan2.2 A14B has a high-noise and a low-noise expert).
 PIPELINE_COMPONENTS = ("transformer", "transformer_2")
@@ -22,7 +25,7 @@ def _wan():
     return wan
 
 
-def _components(model_or_pipeline: object) -> list[tuple[str, nn.Module]]:
+def components(model_or_pipeline: object) -> list[tuple[str, nn.Module]]:
     """(name prefix, model): ("", model) for a model, ("transformer.", ...) for each transformer of a pipeline."""
     if isinstance(model_or_pipeline, nn.Module):
         return [("", model_or_pipeline)]
@@ -58,8 +61,11 @@ def _check_arguments(topk, profile, quantized, backend, linear_scope, feature_ma
         )
     if topk is not None:
         validation.check_topk(topk)
-    elif not isinstance(profile, Mapping):
-        raise TypeError(f"`profile` must be a mapping {{layer name: topk}}, got {type(profile).__name__}")
+    elif not isinstance(profile, (Mapping, Profile)):
+        raise TypeError(
+            f"`profile` must be a mapping {{layer name: topk}}, got {type(profile).__name__}; or a "
+            "sagesla.calibration Profile, or the path of a profile file"
+        )
     validation.check_bool("quantized", quantized)
     validation.check_bool("check_finite", check_finite)
     validation.check_choice("backend", backend, validation.BACKENDS)
@@ -84,8 +90,8 @@ def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | Non
     return {name: validation.check_topk(profile[name], name=f"profile[{name!r}]") for name in names}
 
 
-def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[str], dict[str, str]]:
-    """(layers to patch as (prefix, model, name, module), every self-attention layer name, {skipped: reason})."""
+def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[LayerSpec], dict[str, str]]:
+    """(layers to patch as (prefix, model, name, module), every self-attention layer, {skipped: reason})."""
     targets, self_attention, skipped = [], [], {}
     for prefix, model in components:
         layers = [(name, module) for name, module in model.named_modules() if isinstance(module, wan.WanAttention)]
@@ -99,7 +105,7 @@ def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[st
             if not wan.is_self_attention(module):
                 skipped[prefix + name] = "cross-attention (text/image keys) stays dense"
                 continue
-            self_attention.append(prefix + name)
+            self_attention.append(wan.layer_spec(prefix + name, module))
             if isinstance(module.processor, wan.SLAWanAttnProcessor):
                 skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
             else:
@@ -107,11 +113,36 @@ def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[st
     return targets, self_attention, skipped
 
 
+def _fit_profile(profile: Profile, model_class: str, layers: list[LayerSpec], settings: dict) -> tuple[list, dict]:
+    """Check ``profile`` against the model and patch settings; returns (report notes, {layer: topk per bucket}).
+
+    ``settings`` holds quantized, linear_scope, feature_map, and block_q / block_k where the caller gave them.
+    """
+    profile.check_fits(model_class, layers, settings)
+    selection, attention = profile.selection, profile.measurements.attention
+    short = int((~profile.met).sum())
+    notes = [
+        f"profile: {selection.metric} budget {selection.budget:g}{' per head' if selection.per_head else ''}, "
+        f"blocks {attention.block_q}x{attention.block_k}"
+        + (f"; {short} setting(s) met it at no candidate and run the largest" if short else "")
+    ]
+    if selection.per_head:
+        notes.append(
+            "per-head topk is applied per layer: the smallest topk that met the budget in every head "
+            "(the kernels take one topk per call)"
+        )
+    if profile.bucket_edges:
+        notes.append(
+            f"topk follows the timestep bucket (edges {list(profile.bucket_edges)}); listed: each layer's largest"
+        )
+    return notes, profile.layer_topk()
+
+
 def patch(
     model_or_pipeline: object,
     *,
     topk: float | None = None,
-    profile: Mapping[str, float] | None = None,
+    profile: Mapping[str, float] | Profile | str | os.PathLike | None = None,
     quantized: bool = True,
     backend: str = "auto",
     linear_scope: str = "all",
@@ -135,7 +166,10 @@ def patch(
             pipeline whose ``transformer`` / ``transformer_2`` are (both are patched; Wan2.2 A14B has two).
         topk: fraction of key blocks each query block keeps, in (0, 1], for every layer.
         profile: instead of ``topk``, {layer name: topk} naming every self-attention layer, e.g.
-            ``{"blocks.0.attn1": 0.05, ...}`` (``"transformer.blocks.0.attn1"`` ... for a pipeline).
+            ``{"blocks.0.attn1": 0.05, ...}`` (``"transformer.blocks.0.attn1"`` ... for a pipeline); or a
+            calibration ``Profile`` or the path of its file, checked against the model (layers, heads, head_dim)
+            and the SLA settings (quantized, linear_scope, feature_map, blocks; blocks default to the profile's).
+            With timestep buckets, each forward's timestep picks the topk (a pre-hook on each transformer).
         quantized: ``SageSparseLinearAttention`` (INT8 Q/K, FP8 P/V) when True, ``SparseLinearAttention`` if not.
         backend: "auto" (Triton on CUDA where it serves the call, dense attention where it does not; the torch
             reference on CPU), "torch" (the reference everywhere) or "triton" (dense where it cannot serve a call).
@@ -147,16 +181,29 @@ def patch(
         a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons.
     Raises:
         TypeError / ValueError: invalid arguments; ``ValueError`` also for a profile that misses or adds layers.
+        ProfileError: a profile file that cannot be read, or a profile that does not fit (lists every mismatch).
         ImportError: diffusers is not installed.
     Example:
         >>> report = sagesla.patch(pipe, topk=0.1)  # pipe = diffusers.WanPipeline.from_pretrained(...)
         >>> print(report)
     """
+    if isinstance(profile, (str, os.PathLike)):
+        profile = load_profile(profile)
     _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite)
-    components = _components(model_or_pipeline)
+    parts = components(model_or_pipeline)
     wan = _wan()
-    targets, self_attention, skipped = _survey(components, wan)
-    topks = _topk_per_layer(self_attention, topk, profile)
+    targets, self_attention, skipped = _survey(parts, wan)
+    notes, bucket_topk, timesteps = [], {}, None
+    if isinstance(profile, Profile):
+        given = {"block_q": block_q, "block_k": block_k}
+        settings = {"quantized": quantized, "linear_scope": linear_scope, "feature_map": feature_map}
+        settings.update({key: value for key, value in given.items() if value is not None})
+        notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings)
+        block_q, block_k = profile.measurements.attention.block_q, profile.measurements.attention.block_k
+        if profile.bucket_edges:
+            timesteps, bucket_topk = TimestepTracker(profile.bucket_edges), by_layer
+        profile = {name: max(values) for name, values in by_layer.items()}
+    topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile)
 
     # Build everything first, so a failure leaves the model untouched.
     attention = SageSparseLinearAttention if quantized else SparseLinearAttention
@@ -173,10 +220,11 @@ def patch(
             tensor_layout="NHD",
             backend=backend,
         ).to(next(module.parameters()).device)
-        installs.append(
-            (model, name, module, sla, wan.SLAWanAttnProcessor(module.processor, prefix + name, check_finite))
+        processor = wan.SLAWanAttnProcessor(
+            module.processor, prefix + name, check_finite, bucket_topk.get(prefix + name), timesteps
         )
-    for _, model in components:
+        installs.append((model, name, module, sla, processor))
+    for _, model in parts:
         chosen = {}
         for owner, name, module, sla, processor in installs:
             if owner is model:
@@ -184,7 +232,11 @@ def patch(
                 chosen[name] = processor
         if chosen:
             _set_processors(model, chosen)
-    return PatchReport(attention=attention.__name__, backend=backend, replaced=replaced, skipped=skipped)
+            if timesteps is not None:
+                timesteps.attach(model)
+    return PatchReport(
+        attention=attention.__name__, backend=backend, replaced=replaced, skipped=skipped, notes=tuple(notes)
+    )
 
 
 def unpatch(model_or_pipeline: object) -> list[str]:
@@ -194,10 +246,12 @@ def unpatch(model_or_pipeline: object) -> list[str]:
     """
     wan = _wan()
     restored = []
-    for prefix, model in _components(model_or_pipeline):
+    for prefix, model in components(model_or_pipeline):
         originals = {}
         for name, module in model.named_modules():
             if isinstance(getattr(module, "processor", None), wan.SLAWanAttnProcessor):
+                if module.processor.timesteps is not None:
+                    module.processor.timesteps.detach()
                 originals[name] = module.processor.original
                 delattr(module, wan.SLA_ATTRIBUTE)
                 restored.append(prefix + name)

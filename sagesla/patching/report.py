@@ -29,12 +29,14 @@ class PatchReport:
         replaced: layer module name -> topk, for every self-attention now running SLA, e.g.
             ``{"blocks.0.attn1": 0.1}`` (``"transformer.blocks.0.attn1"`` when a pipeline was patched).
         skipped: layer module name -> why it was left as it was, e.g. ``{"blocks.0.attn2": "cross-attention ..."}``.
+        notes: how a calibration profile was applied (budget, per-head and per-timestep settings), one line each.
     """
 
     attention: str
     backend: str
     replaced: dict[str, float]
     skipped: dict[str, str]
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"sagesla.patch: {len(self.replaced)} layer(s) -> {self.attention} (backend={self.backend!r})"]
@@ -44,4 +46,5 @@ class PatchReport:
         lines.extend(
             f"  skipped {len(names)}, {reason}: {_names(names)}" for reason, names in _group(self.skipped).items()
         )
+        lines.extend(f"  {note}" for note in self.notes)
         return "\n".join(lines)

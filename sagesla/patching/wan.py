@@ -5,6 +5,7 @@ This module imports diffusers; ``sagesla.patch`` imports it only when called.
 """
 
 import logging
+from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -13,6 +14,8 @@ from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv
 from sagesla import backends, validation
 from sagesla.functional import resolve_block_sizes
 from sagesla.patching.checkpoints import SLA_ATTRIBUTE
+from sagesla.patching.timesteps import TimestepTracker
+from sagesla.profile import LayerSpec
 
 logger = logging.getLogger("sagesla")
 
@@ -20,6 +23,11 @@ logger = logging.getLogger("sagesla")
 def is_self_attention(module: torch.nn.Module) -> bool:
     """A ``WanAttention`` whose keys come from its own tokens (``attn1``), not from text or image (``attn2``)."""
     return isinstance(module, WanAttention) and not module.is_cross_attention and module.add_k_proj is None
+
+
+def layer_spec(name: str, module: WanAttention) -> LayerSpec:
+    """The fingerprint entry of a self-attention layer: (name, heads, head_dim)."""
+    return LayerSpec(name, module.heads, module.inner_dim // module.heads)
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -55,14 +63,30 @@ class SLAWanAttnProcessor:
     Attributes:
         original: the processor this one replaced (``sagesla.unpatch`` restores it).
         layer_name: the layer's module name, for log lines.
+        bucket_topk: topk per timestep bucket of ``timesteps``, set into ``attn.sla.topk`` before each SLA call;
+            None to keep ``attn.sla.topk``.
+        timesteps: the tracker of the running forward's timestep bucket (with ``bucket_topk``).
+        observer: when set (calibration), every call SLA could serve runs dense attention instead and hands it to
+            ``observer(layer_name, attn.sla, query, key, value, dense)``, all (B, S, H, D); ``last_sparsity`` and
+            ``last_fallback`` then change only on a fallback.
         last_sparsity: fraction of block pairs the last call skipped (0.0 after a dense call), None before any call.
         last_fallback: why the last call ran dense attention, or None if it ran SLA.
     """
 
-    def __init__(self, original: object, layer_name: str, check_finite: bool = False):
+    def __init__(
+        self,
+        original: object,
+        layer_name: str,
+        check_finite: bool = False,
+        bucket_topk: tuple[float, ...] | None = None,
+        timesteps: TimestepTracker | None = None,
+    ):
         self.original = original
         self.layer_name = layer_name
         self.check_finite = check_finite
+        self.bucket_topk = bucket_topk
+        self.timesteps = timesteps
+        self.observer: Callable[..., None] | None = None
         self.last_sparsity: float | None = None
         self.last_fallback: str | None = None
         self._logged: set[str] = set()
@@ -94,11 +118,14 @@ class SLAWanAttnProcessor:
 
         sla = getattr(attn, SLA_ATTRIBUTE)
         reason = self._fallback_reason(sla, query, key, value, attention_mask)
-        if reason is None:
+        if reason is None and self.observer is None:
+            if self.bucket_topk is not None:
+                sla.topk = self._bucket_topk()
             hidden_states, self.last_sparsity = sla(query, key, value, return_sparsity=True)
             self.last_fallback = None
         else:
-            self._fall_back(reason)
+            if reason is not None:
+                self._fall_back(reason)
             hidden_states = dispatch_attention_fn(
                 query,
                 key,
@@ -109,6 +136,8 @@ class SLAWanAttnProcessor:
                 backend=self._attention_backend,
                 parallel_config=self._parallel_config,
             )
+            if reason is None:
+                self.observer(self.layer_name, sla, query, key, value, hidden_states)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
@@ -145,9 +174,21 @@ class SLAWanAttnProcessor:
             return "query, key or value holds NaN/Inf"
         return None
 
+    def _bucket_topk(self) -> float:
+        """The topk of the running forward's timestep bucket; the largest one before a timestep is seen."""
+        bucket = self.timesteps.bucket
+        if bucket is None:
+            self._log_once("no timestep seen in this forward: using the largest topk of its buckets")
+            return max(self.bucket_topk)
+        return self.bucket_topk[bucket]
+
     def _fall_back(self, reason: str) -> None:
         """Record a dense call and log its reason once per layer and reason."""
         self.last_fallback, self.last_sparsity = reason, 0.0
-        if reason not in self._logged:
-            self._logged.add(reason)
-            logger.warning("sagesla: %s runs dense attention: %s", self.layer_name, reason)
+        self._log_once(f"runs dense attention: {reason}")
+
+    def _log_once(self, message: str) -> None:
+        """Log a WARNING naming this layer, once per layer and message."""
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.warning("sagesla: %s %s", self.layer_name, message)

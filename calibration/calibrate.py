@@ -1,0 +1,101 @@
+"""``calibrate``: run the dense model over denoising steps, measure SageSLA per layer, choose topk."""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+import sagesla
+from sagesla.calibration import sampling
+from sagesla.calibration.choose import check_selection, choose
+from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
+from sagesla.profile import Profile
+
+
+def _is_patched(model: nn.Module) -> bool:
+    from sagesla.patching.wan import SLAWanAttnProcessor
+
+    return any(isinstance(processor, SLAWanAttnProcessor) for processor in model.attn_processors.values())
+
+
+def _record_steps(steps: int, record_steps: Sequence[int] | None) -> list[int]:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
+    chosen = list(range(steps)) if record_steps is None else sorted(set(record_steps))
+    if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < steps for i in chosen):
+        raise ValueError(f"`record_steps` must be step indices in [0, {steps}), got {record_steps!r}")
+    return chosen
+
+
+def calibrate(
+    model: nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int = 10,
+    record_steps: Sequence[int] | None = None,
+    shift: float = sampling.DEFAULT_SHIFT,
+    budget: float = 0.05,
+    metric: str = "rel_l1",
+    target_sparsity: float | None = None,
+    per_head: bool = False,
+    buckets: int | Sequence[float] = 1,
+    candidates: Sequence[float] = DEFAULT_CANDIDATES,
+    patch_options: Mapping[str, object] | None = None,
+    progress: bool = True,
+) -> Profile:
+    """Calibrate a Wan transformer: per-layer topk within an error budget, measured on its own dense trajectory.
+
+    Each input is denoised from its noise by the *dense* model (Euler flow matching, ``steps`` steps), so the
+    trajectory is exactly the unpatched model's. At the ``record_steps``, every self-attention call also runs
+    SageSLA at each candidate topk with the layer's SLA module and records rel-L1, cosine and sparsity per layer,
+    head and timestep bucket (``Recording``); then ``choose`` picks topk.
+
+    Args:
+        model: a diffusers ``WanTransformer3DModel``. If it is patched already (``sagesla.patch``, e.g. with
+            SLA-finetuned ``proj_l`` loaded), its SLA settings are calibrated; if not, it is patched with
+            ``patch_options`` for the run and unpatched afterwards.
+        inputs: (latents [B, C, F, H, W] starting noise, text [B, T, text_dim] prompt embeddings) pairs; each batch
+            row is one observation of every call.
+        steps: denoising steps per input; record_steps: indices of the steps measured (default all).
+        shift: the scheduler's timestep shift (Wan: 3.0 at 480p, 5.0 at 720p).
+        budget, metric, per_head, target_sparsity: as in ``choose``.
+        buckets: timestep buckets with their own topk: an int N splits the recorded steps' timesteps into N groups
+            of equal size, or give the ascending edges between buckets.
+        candidates: topk values to evaluate (1.0 is always added).
+        patch_options: keyword arguments of ``sagesla.patch`` (quantized, backend, block_q, ...) when ``model`` is
+            not patched.
+        progress: show a progress bar over attention calls.
+    Returns:
+        the ``Profile`` (``profile.save(path)`` writes it; ``sagesla.patch(model, profile=...)`` applies it).
+    Example:
+        >>> from sagesla.testing import tiny_wan_transformer
+        >>> inputs = [(torch.randn(1, 16, 4, 32, 32), torch.randn(1, 8, 32))]
+        >>> profile = calibrate(tiny_wan_transformer(), inputs, steps=4, budget=0.3)
+    """
+    check_selection(budget, metric, per_head, target_sparsity)
+    recorded = _record_steps(steps, record_steps)
+    schedule = sampling.timesteps(shift, steps)
+    if isinstance(buckets, int):
+        edges = sampling.bucket_edges([schedule[i] for i in recorded], buckets)
+    else:
+        edges = tuple(float(edge) for edge in buckets)
+    patch_here = not _is_patched(model)
+    if patch_here:
+        sagesla.patch(model, topk=1.0, **(patch_options or {}))
+    try:
+        recording = Recording(model, candidates, edges, progress=progress)
+        recording.total = len(inputs) * len(recorded) * len(recording.layers)
+
+        def before_step(index: int) -> None:
+            recording.active = index in recorded
+
+        with recording:
+            for latents, text in inputs:
+                sampling.denoise(model, latents, text, steps, shift, before_step)
+        measurements = recording.measurements(
+            steps=steps, record_steps=recorded, shift=shift, timesteps=schedule, inputs=len(inputs)
+        )
+    finally:
+        if patch_here:
+            sagesla.unpatch(model)
+    return choose(measurements, budget=budget, metric=metric, per_head=per_head, target_sparsity=target_sparsity)

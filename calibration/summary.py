@@ -1,0 +1,52 @@
+"""The summary of a profile: one table row per layer (and timestep bucket) and the budget's outcome."""
+
+from sagesla.profile import Profile
+from sagesla.tables import markdown_table
+
+
+def summary(profile: Profile) -> str:
+    """A markdown table of each layer's chosen topk with its measured sparsity and errors, then totals.
+
+    Columns: layer, bucket (with timestep buckets), topk, sparsity, worst and mean rel-L1, worst cosine, worst
+    head rel-L1 (per-head selection), and whether the budget was met ("NO" rows run the largest candidate).
+    """
+    selection, edges = profile.selection, profile.bucket_edges
+    columns = {
+        "sparsity": profile.chosen("sparsity"),
+        "worst rel-L1": profile.chosen("rel_l1_max"),
+        "mean rel-L1": profile.chosen("rel_l1_mean"),
+        "worst cosine": profile.chosen("cosine_min"),
+    }
+    if selection.per_head:
+        columns["worst head rel-L1"] = profile.chosen("head_rel_l1_max").amax(dim=-1)
+    headers = ["layer", *(["timesteps"] if edges else []), "topk", *columns, "budget met"]
+    rows = []
+    for i, layer in enumerate(profile.layers):
+        for b in range(len(edges) + 1):
+            cells = [
+                f"{values[i, b]:.2%}" if name == "sparsity" else f"{values[i, b]:.4f}"
+                for name, values in columns.items()
+            ]
+            when = [profile.bucket_label(b)] if edges else []
+            met = "yes" if profile.met[i, b] else "NO"
+            rows.append([layer.name, *when, f"{profile.topk[i, b]:g}", *cells, met])
+    rule = "rel-L1" if selection.metric == "rel_l1" else "1 - cosine"
+    rule = f"budget: {rule} <= {selection.budget:.4g} on every observation"
+    if selection.per_head:
+        rule += " in every head"
+    if selection.target_sparsity is not None:
+        rule += f" (the tightest budget reaching mean sparsity {selection.target_sparsity:g})"
+    lines = [
+        markdown_table(headers, rows),
+        "",
+        rule,
+        f"mean sparsity {profile.mean_sparsity():.2%} over {int(profile.measurements.calls.sum())} observations; "
+        f"candidates {list(profile.measurements.candidates)}",
+    ]
+    short = int((~profile.met).sum())
+    if short:
+        lines.append(
+            f"{short} row(s) met the budget at no candidate and run the largest, topk "
+            f"{profile.measurements.candidates[-1]:g} (with 1.0 no block is skipped: quantization error only)"
+        )
+    return "\n".join(lines)
