@@ -107,10 +107,10 @@ def sparse_linear_attn(
         pv_precision = backends.default_pv_precision(q.device)
     args = (q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k)
     args += (head_dim**-0.5 if sm_scale is None else float(sm_scale), tensor_layout, compute_dtype, pv_precision)
-    # The custom op has no autograd formula: calls that need gradients run its implementation eagerly.
+    # The inference op has no autograd formula: calls that need gradients take the trainable path.
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
     )
-    op = ops.run_sla if needs_grad else ops.sparse_linear_attn_op
+    op = ops.train_sla if needs_grad else ops.sparse_linear_attn_op
     out = op(*args, backend)
     return (out, sparsity) if return_sparsity else out

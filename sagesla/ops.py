@@ -1,8 +1,10 @@
-"""SLA as PyTorch custom operators, so ``torch.compile`` (``fullgraph=True``) and CUDA graphs see one opaque op.
+"""SLA as PyTorch custom operators, so ``torch.compile`` (``fullgraph=True``) and CUDA graphs see opaque ops.
 
-``sagesla::sparse_linear_attn`` runs a validated call (the backend choice, the dtype cast and the kernels happen
-inside); its fake implementation gives the output's exact shape, dtype and layout from the inputs alone, which is
-what the compiler needs. Shapes: B batch, H heads, L tokens, D head dim.
+``sagesla::sparse_linear_attn`` runs a validated inference call (the backend choice, the dtype cast and the kernels
+happen inside); its fake implementation gives the output's exact shape, dtype and layout from the inputs alone,
+which is what the compiler needs. Calls that need gradients go through ``train_sla``, built of the trainable
+path's ops (``sagesla::sla_train_*`` in kernels/sla_train.py, autograd registered). Shapes: B batch, H heads,
+L tokens, D head dim.
 """
 
 import torch
@@ -59,7 +61,38 @@ def run_sla(
     return out
 
 
-# The op; ``run_sla`` itself is the differentiable eager path (the op has no autograd formula).
+def train_sla(*args) -> torch.Tensor:
+    """``run_sla`` for calls that need gradients (same arguments): differentiable on every backend.
+
+    The trainable Triton path returns its autograd output itself (NHD as a transposed view of it), so the caller
+    holds the tensor autograd saves rather than a copy; it is built of custom ops with autograd registered
+    (``sagesla::sla_train_*``), which torch.compile traces without a graph break.
+    """
+    q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k, *rest = args
+    sm_scale, tensor_layout, compute_dtype, pv_precision, backend = rest
+    if quantized or q.numel() == 0:
+        return run_sla(*args)
+    hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
+    if backends.resolve_backend(backend, hnd[0], block_q, block_k, False, linear_scope, pv_precision) != "triton":
+        return run_sla(*args)
+    from sagesla.kernels.sla_train import sla_train
+
+    o, _ = sla_train(
+        *hnd,
+        topk=topk,
+        block_q=block_q,
+        block_k=block_k,
+        sm_scale=sm_scale,
+        feature_map=feature_map,
+        linear_scope=linear_scope,
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
+    )
+    o = o.to(q.dtype)
+    return o if tensor_layout == "HND" else o.transpose(1, 2)
+
+
+# The op (inference: no autograd formula; calls that need gradients go through ``train_sla``).
 sparse_linear_attn_op = torch.library.custom_op("sagesla::sparse_linear_attn", run_sla, mutates_args=())
 
 

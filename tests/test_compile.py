@@ -110,3 +110,55 @@ def test_patched_wan_compiles_on_gpu():
     with torch.no_grad():
         compiled = torch.compile(step, fullgraph=True)(*inputs)
     assert metrics.rel_l1(compiled, eager) < 1e-3
+
+
+def _train_case(device):
+    q, k, v = (x.requires_grad_() for x in _qkv((1, 2, 150, 64), dtype=torch.float16, device=device))
+    weight = (torch.randn(64, 64, device=device) * 0.05).requires_grad_()
+    bias = (torch.randn(64, device=device) * 0.05).requires_grad_()
+    return q, k, v, weight, bias
+
+
+def _train_step(q, k, v, weight, bias):
+    o = sagesla.sparse_linear_attn(
+        q, k, v, topk=0.5, quantized=False, proj_weight=weight, proj_bias=bias, block_q=32, block_k=32, backend="triton"
+    )
+    return o.float().square().mean()
+
+
+def _grads(fn, leaves):
+    for x in leaves:
+        x.grad = None
+    fn(*leaves).backward()
+    return [x.grad.clone() for x in leaves]
+
+
+@pytest.mark.parametrize("op", ["select", "forward", "backward"])
+def test_trainable_ops_opcheck(op):
+    """The trainable path's kernels are custom ops (schema, fake, autograd registration) that opcheck accepts."""
+    from sagesla.kernels import sla_train
+
+    q, k, v, weight, bias = (x.detach() for x in _train_case("cpu"))
+    lut, kv, ksum = sla_train.select_op(q, k, v, 0.5, 32, 32, "softmax")
+    settings = (32, 32, 0.125, "softmax", "all")
+    if op == "select":
+        torch.library.opcheck(sla_train.select_op, (q, k, v, 0.5, 32, 32, "softmax"))
+    elif op == "forward":
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, weight, bias)]
+        torch.library.opcheck(sla_train.forward_op, (*leaves, lut, kv, ksum, *settings))
+    else:
+        out, lse = sla_train.forward_op(q, k, v, weight, bias, lut, kv, ksum, *settings)
+        args = (q, k, v, out, lse, torch.randn_like(out), weight, bias, lut, kv, ksum, *settings, True)
+        torch.library.opcheck(sla_train.backward_op, args)
+
+
+def test_trainable_triton_path_compiles_with_its_backward():
+    """fullgraph compile of a training step on the Triton path (interpreter on CPU): eager's gradients exactly."""
+    leaves = _train_case("cuda" if torch.cuda.is_available() else "cpu")
+    explained = torch._dynamo.explain(_train_step)(*leaves)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    eager = _grads(_train_step, leaves)
+    compiled = _grads(torch.compile(_train_step, fullgraph=True, backend="aot_eager"), leaves)
+    for name, a, b in zip(("q", "k", "v", "weight", "bias"), eager, compiled, strict=True):
+        assert torch.equal(a, b), name
+        assert a.abs().sum() > 0, name
