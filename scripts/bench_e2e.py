@@ -128,6 +128,26 @@ def run_config(model, config: Config, inputs, args, device, dtype, backend) -> t
     return ms, peak, attn
 
 
+def report(results: list[Result], header: dict, out_dir: str, gpu: str) -> str:
+    """Write ``<out_dir>/<gpu>-e2e.{json,md}`` (after every configuration, so a cut-off run keeps its rows)."""
+    table = markdown_table(
+        ["config", "step ms", "speed-up vs dense default", "attention share (est.)", "peak GiB"],
+        [
+            [
+                r.config,
+                f"{r.step_ms:.1f}",
+                f"{r.speedup:.2f}x",
+                f"{r.attention_share:.0%}",
+                "-" if r.peak_gib is None else f"{r.peak_gib:.1f}",
+            ]
+            for r in results
+        ],
+    )
+    stem = pathlib.Path(out_dir) / f"{gpu.replace(' ', '-')}-e2e"
+    write_report(stem, header, {"results": [asdict(r) for r in results]}, table)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="wan2.1-1.3b", choices=sorted(WAN_SHAPES))
@@ -166,23 +186,8 @@ def main() -> None:
         share = min(1.0, calls_per_step * attn / ms)
         results.append(Result(config.label, ms, baseline / ms, share, peak))
         print(f"{config.label}: {ms:.1f} ms", flush=True)
-
-    table = markdown_table(
-        ["config", "step ms", "speed-up vs dense default", "attention share (est.)", "peak GiB"],
-        [
-            [
-                r.config,
-                f"{r.step_ms:.1f}",
-                f"{r.speedup:.2f}x",
-                f"{r.attention_share:.0%}",
-                "-" if r.peak_gib is None else f"{r.peak_gib:.1f}",
-            ]
-            for r in results
-        ],
-    )
+        table = report(results, header, args.out_dir, gpu)
     print(table)
-    stem = pathlib.Path(args.out_dir) / f"{gpu.replace(' ', '-')}-e2e"
-    write_report(stem, header, {"results": [asdict(r) for r in results]}, table)
 
 
 if __name__ == "__main__":
