@@ -59,9 +59,14 @@ def quant_block_kernel(
         b_mean = tl.load(mean + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
         b_x = tl.where(m_x, b_x - b_mean[None, :], 0.0)
     rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
-    tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, tl.sum(b_x, axis=0) / rows)
+    b_sum = tl.sum(b_x, axis=0)
+    tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, b_sum / rows)
     b_x = b_x * mult
     scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) * (1.0 / 127.0)
+    # Max reductions skip NaN (on the GPU and in the interpreter): a NaN in the block, seen through its sum, makes
+    # the scale NaN, so every score of the block is NaN as the reference's (and dense attention's) would be.
+    b_total = tl.sum(b_sum)
+    scale = tl.where(b_total == b_total, scale, float("nan"))
     # One IEEE reciprocal (Triton's `/` on fp32 is approximate) and a multiply, as the reference.
     b_q = tl.minimum(tl.maximum(_round_half_away(b_x * tl.math.div_rn(1.0, scale)), -127.0), 127.0)
     tl.store(x_scale + i_bh.to(tl.int64) * N + i_n, scale)
@@ -117,7 +122,12 @@ def kv_stats_kernel(
         if V_AMAX or HAS_LINEAR:
             b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
             if V_AMAX:
-                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v.to(tl.float32)), axis=0))
+                b_vf = b_v.to(tl.float32)
+                # As in quant_block_kernel, a NaN (seen through the channel's sum) makes the channel's max, hence its
+                # FP8 scale and that output channel, NaN.
+                b_vsum = tl.sum(b_vf, axis=0)
+                b_vmax = tl.where(b_vsum == b_vsum, tl.max(tl.abs(b_vf), axis=0), float("nan"))
+                b_amax = tl.maximum(b_amax, b_vmax, propagate_nan=tl.PropagateNan.ALL)
             if HAS_LINEAR:
                 b_phi = tl.where(m_t[:, None], feature_map(b_kf, m_d, FEATURE), 0.0)
                 b_ksum += tl.sum(b_phi, axis=0)

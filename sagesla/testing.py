@@ -129,7 +129,7 @@ def run_forward(
     """
     to_hnd = (lambda x: x) if tensor_layout == "HND" else (lambda x: x.transpose(1, 2))
     out = torch.full_like(q, float("nan"))
-    lut = backends.forward_for(backend)(
+    lut = backends.forward_for(backend, quantized)(
         *(to_hnd(x) for x in (q, k, v)),
         topk=topk,
         block_q=block_q,

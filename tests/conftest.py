@@ -33,6 +33,22 @@ def device() -> str:
 
 
 @pytest.fixture
+def gpu_nan_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the interpreter's ``tl.minimum`` / ``tl.maximum`` drop NaN, as the GPU's do (a no-op on CUDA).
+
+    The interpreter evaluates them with numpy's NaN-propagating minimum / maximum, which would hide a kernel that
+    turns a NaN into a finite value on the GPU. (``tl.max`` reductions already skip NaN there, as on the GPU.)
+    """
+    if HAS_CUDA:
+        return
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    monkeypatch.setattr(InterpreterBuilder, "create_maxnumf", lambda self, a, b: self.binary_op(a, b, np.fmax))
+    monkeypatch.setattr(InterpreterBuilder, "create_minnumf", lambda self, a, b: self.binary_op(a, b, np.fmin))
+
+
+@pytest.fixture
 def tiny_wan() -> torch.nn.Module:
     """A freshly built tiny diffusers ``WanTransformer3DModel`` (skips without diffusers)."""
     pytest.importorskip("diffusers")
