@@ -11,8 +11,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+# Property tests: "ci" (the default) draws the same examples on every run (derandomize, no example database), so a
+# failure reproduces anywhere; "explore" draws fresh ones (HYPOTHESIS_PROFILE=explore, with SAGESLA_FUZZ_SCALE=10
+# for ten times the examples). Interpreted kernels are slow: no deadline.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=_SLOW_OK)
+settings.register_profile("explore", deadline=None, suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
