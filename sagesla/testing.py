@@ -19,6 +19,14 @@ TOL_KERNEL_FP8 = 3e-2
 TOL_KERNEL_HALF = 4e-3
 # The whole Triton pipeline with 16-bit P.V (the linear branch adds its bf16 state).
 TOL_PIPELINE_HALF = 1e-2
+# Every forward path as (id, backend, quantized, pv_precision); the Triton backend serves the quantized ones.
+FORWARD_PATHS = (
+    ("torch-sla", "torch", False, "half"),
+    ("torch-fp8", "torch", True, "fp8"),
+    ("torch-half", "torch", True, "half"),
+    ("triton-fp8", "triton", True, "fp8"),
+    ("triton-half", "triton", True, "half"),
+)
 # phi(K)^T V of kv_stats with phi rounded to the compute dtype on the GPU (bf16: relative step 2^-8).
 TOL_KV_STATE = 5e-3
 

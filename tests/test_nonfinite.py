@@ -10,18 +10,12 @@ import pytest
 import torch
 
 import sagesla
-from sagesla.testing import BOUND_SAGESLA, BOUND_SLA, assert_close, run_forward, sla_dense_reference
+from sagesla.testing import BOUND_SAGESLA, BOUND_SLA, FORWARD_PATHS, assert_close, run_forward, sla_dense_reference
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # (backend, quantized, pv_precision)
-PATHS = [
-    pytest.param("torch", False, "fp8", id="torch-sla"),
-    pytest.param("torch", True, "fp8", id="torch-fp8"),
-    pytest.param("torch", True, "half", id="torch-half"),
-    pytest.param("triton", True, "fp8", id="triton-fp8"),
-    pytest.param("triton", True, "half", id="triton-half"),
-]
+PATHS = [pytest.param(*path, id=name) for name, *path in FORWARD_PATHS]
 # Head 1, token 70 (in the 36-row tail block of query and key blocks of 64), channel 5.
 SHAPE, SPOT = (1, 2, 100, 64), (0, 1, 70, 5)
 # The interpreter's numpy warns on the NaN it is made to compute with.
