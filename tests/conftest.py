@@ -11,17 +11,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
-# Property tests: "ci" (the default) draws the same examples on every run (derandomize, no example database), so a
-# failure reproduces anywhere; "explore" draws fresh ones (HYPOTHESIS_PROFILE=explore, with SAGESLA_FUZZ_SCALE=10
-# for ten times the examples). Interpreted kernels are slow: no deadline.
-_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large]
-settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=_SLOW_OK)
-settings.register_profile("explore", deadline=None, suppress_health_check=_SLOW_OK)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+def _hypothesis_profiles() -> None:
+    """Property tests: "ci" (the default) draws the same examples on every run (derandomize, no example database),
+    so a failure reproduces anywhere; "explore" draws fresh ones (HYPOTHESIS_PROFILE=explore, with
+    SAGESLA_FUZZ_SCALE=10 for ten times the examples). Interpreted kernels are slow: no deadline.
+    Without hypothesis (a bare GPU image) tests/test_fuzz.py skips itself.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=slow_ok)
+    settings.register_profile("explore", deadline=None, suppress_health_check=slow_ok)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -12,7 +12,10 @@ times as many.
 import os
 from dataclasses import dataclass
 
+import pytest
 import torch
+
+pytest.importorskip("hypothesis")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
