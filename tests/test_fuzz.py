@@ -119,7 +119,7 @@ REFERENCE_CASES = cases(1100, 4, st.booleans(), st.sampled_from([(64, 64), (128,
 TRITON_CASES = cases(512, 2, st.just(True), st.sampled_from([(64, 64), (128, 64), (64, 128), (32, 64)]))
 
 
-@settings(max_examples=40 * SCALE)
+@settings(max_examples=80 * SCALE)
 @given(case=REFERENCE_CASES)
 def test_reference_vs_float64(case):
     qkv, w, b = case.inputs()
@@ -131,7 +131,7 @@ def test_reference_vs_float64(case):
     assert_close(repr(case), truth, case.hnd(o), BOUND_SAGESLA if case.quantized else BOUND_SLA)
 
 
-@settings(max_examples=20 * SCALE)
+@settings(max_examples=30 * SCALE)
 @given(case=TRITON_CASES)
 def test_triton_stages_vs_reference(case):
     """kv_stats, quant_qk (bit for bit), select_blocks (equal) and quant_v_fp8 (equal) on the same inputs."""
@@ -155,7 +155,7 @@ def test_triton_stages_vs_reference(case):
     assert torch.equal(v_tri[..., :D, :L].transpose(-1, -2).float(), v_ref.float())
 
 
-@settings(max_examples=10 * SCALE)
+@settings(max_examples=16 * SCALE)
 @given(case=TRITON_CASES)
 def test_triton_pipeline_vs_reference(case):
     """The Triton forward against the torch one (same selection) and against float64 (documented bound)."""
