@@ -19,11 +19,12 @@ TOL_KERNEL_FP8 = 3e-2
 TOL_KERNEL_HALF = 4e-3
 # The whole Triton pipeline with 16-bit P.V (the linear branch adds its bf16 state).
 TOL_PIPELINE_HALF = 1e-2
-# Every forward path as (id, backend, quantized, pv_precision); the Triton backend serves the quantized ones.
+# Every forward path as (id, backend, quantized, pv_precision); Triton's unquantized one is the trainable SLA.
 FORWARD_PATHS = (
     ("torch-sla", "torch", False, "half"),
     ("torch-fp8", "torch", True, "fp8"),
     ("torch-half", "torch", True, "half"),
+    ("triton-sla", "triton", False, "half"),
     ("triton-fp8", "triton", True, "fp8"),
     ("triton-half", "triton", True, "half"),
 )

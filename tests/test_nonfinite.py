@@ -30,20 +30,23 @@ def _inputs(where: str, bad: float, layout: str) -> list[torch.Tensor]:
 
 @pytest.mark.usefixtures("gpu_nan_semantics")
 @pytest.mark.parametrize("backend,quantized,pv", PATHS)
-@pytest.mark.parametrize("layout,linear", [("HND", False), ("NHD", True)], ids=["HND-sparse-only", "NHD-linear"])
+# The linear branch with relu, whose max(x, 0) would drop NaN on the GPU.
+@pytest.mark.parametrize(
+    "layout,linear,feature", [("HND", False, "softmax"), ("NHD", True, "relu")], ids=["HND-sparse-only", "NHD-linear"]
+)
 @pytest.mark.parametrize("topk", [1.0, 0.5])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_where_dense_is(backend, quantized, pv, layout, linear, topk, where, bad):
+def test_non_finite_where_dense_is(backend, quantized, pv, layout, linear, feature, topk, where, bad):
     inputs = _inputs(where, bad, layout)
     d = SHAPE[-1]
     w, b = (torch.randn(d, d, device=DEVICE) * 0.05, torch.randn(d, device=DEVICE) * 0.05) if linear else (None, None)
     o, lut = run_forward(
-        backend, *inputs, topk=topk, tensor_layout=layout, quantized=quantized, pv_precision=pv, proj_weight=w,
-        proj_bias=b,
+        backend, *inputs, topk=topk, tensor_layout=layout, quantized=quantized, pv_precision=pv, feature_map=feature,
+        proj_weight=w, proj_bias=b,
     )  # fmt: skip
     hnd = [x if layout == "HND" else x.transpose(1, 2) for x in (*inputs, o)]
-    truth = sla_dense_reference(*hnd[:3], lut, 64, 64, w, b, dtype=torch.float64)
+    truth = sla_dense_reference(*hnd[:3], lut, 64, 64, w, b, feature, dtype=torch.float64)
     dense_bad, ours_bad = ~torch.isfinite(truth), ~torch.isfinite(hnd[3])
     if topk == 1.0:
         assert dense_bad.any()
