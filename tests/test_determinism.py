@@ -37,14 +37,14 @@ def test_repeated_calls_are_bit_identical(backend, quantized, pv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("pv", ["fp8", "half"])
+@pytest.mark.parametrize("quantized,pv", [(True, "fp8"), (True, "half"), (False, "half")], ids=["fp8", "half", "sla"])
 @pytest.mark.parametrize("topk", [0.05, 0.2])
-def test_triton_bit_identical_at_wan_scale(pv, topk):
+def test_triton_bit_identical_at_wan_scale(quantized, pv, topk):
     """Ten calls at the Wan2.1-1.3B 480p shape, other GPU work in between, all bit for bit equal."""
     q, k, v = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     outputs = []
     for _ in range(10):
-        outputs += _calls(q, k, v, 1, topk=topk, pv_precision=pv, backend="triton")
+        outputs += _calls(q, k, v, 1, topk=topk, quantized=quantized, pv_precision=pv, backend="triton")
         # Unrelated work between calls changes what the caches and the scheduler hold.
         torch.randn(4096, 4096, device="cuda").matmul(torch.randn(4096, 4096, device="cuda"))
     _assert_identical(outputs)
