@@ -180,6 +180,22 @@ def test_torch_files_are_loaded_without_unpickling_code(tmp_path):
     assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
 
 
+def test_a_pickle_posing_as_a_profile_is_refused_without_running(tmp_path):
+    """Profiles load through safetensors only: a torch.save payload named like a profile is an unreadable file."""
+    pytest.importorskip("diffusers")
+    from sagesla.profile import ProfileError, load_profile
+    from sagesla.testing import tiny_wan_transformer
+
+    path, marker = tmp_path / "evil.profile.safetensors", tmp_path / "payload-ran"
+    torch.save({"payload": _Evil(marker)}, path)
+    with pytest.raises(ProfileError, match=r"evil.profile.safetensors' is not a readable safetensors file"):
+        load_profile(path)
+    model = tiny_wan_transformer()
+    with pytest.raises(ProfileError, match=r"is not a readable safetensors file"):
+        sagesla.patch(model, profile=path)
+    assert not marker.exists() and sagesla.unpatch(model) == []
+
+
 def _flip_last_byte(path):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x40

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
 from sagesla import validation
@@ -81,13 +81,8 @@ def _select(state: Mapping) -> tuple[dict[str, object], int]:
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over the keys (sorted), dtypes, shapes and bytes of ``tensors``."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    """SHA-256 of the tensors serialized alone (safetensors' byte layout is deterministic), as profiles use."""
+    return hashlib.sha256(save(dict(tensors))).hexdigest()
 
 
 def _read_torch_file(path: Path) -> object:
