@@ -123,11 +123,9 @@ def kv_stats_kernel(
             b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
             if V_AMAX:
                 b_vf = b_v.to(tl.float32)
-                # As in quant_block_kernel, a NaN (seen through the channel's sum) makes the channel's max, hence its
-                # FP8 scale and that output channel, NaN.
-                b_vsum = tl.sum(b_vf, axis=0)
-                b_vmax = tl.where(b_vsum == b_vsum, tl.max(tl.abs(b_vf), axis=0), float("nan"))
-                b_amax = tl.maximum(b_amax, b_vmax, propagate_nan=tl.PropagateNan.ALL)
+                # Max reductions skip NaN: count a NaN as Inf, so the channel's FP8 scale is Inf and that output
+                # channel non-finite, as dense attention's.
+                b_amax = tl.maximum(b_amax, tl.max(tl.where(b_vf == b_vf, tl.abs(b_vf), float("inf")), axis=0))
             if HAS_LINEAR:
                 b_phi = tl.where(m_t[:, None], feature_map(b_kf, m_d, FEATURE), 0.0)
                 b_ksum += tl.sum(b_phi, axis=0)
