@@ -122,10 +122,7 @@ def kv_stats_kernel(
         if V_AMAX or HAS_LINEAR:
             b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
             if V_AMAX:
-                b_vf = b_v.to(tl.float32)
-                # Max reductions skip NaN: count a NaN as Inf, so the channel's FP8 scale is Inf and that output
-                # channel non-finite, as dense attention's.
-                b_amax = tl.maximum(b_amax, tl.max(tl.where(b_vf == b_vf, tl.abs(b_vf), float("inf")), axis=0))
+                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v.to(tl.float32)), axis=0))
             if HAS_LINEAR:
                 b_phi = tl.where(m_t[:, None], feature_map(b_kf, m_d, FEATURE), 0.0)
                 b_ksum += tl.sum(b_phi, axis=0)
@@ -166,7 +163,11 @@ def quant_v_fp8_kernel(
     p_v = tile_ptrs(head_base(v, i_bh, H, s_vb, s_vh), o_t, s_vl, o_d)
     # [BT, DP]
     b_v = tl.load(p_v, mask=m_x, other=0.0).to(tl.float32)
-    b_inv = tl.math.div_rn(1.0, tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0))
+    p_scale = v_scale + i_bh.to(tl.int64) * D + o_d
+    b_inv = tl.math.div_rn(1.0, tl.load(p_scale, mask=o_d < D, other=1.0))
+    # kv_stats' max skips NaN (max reductions do): a channel holding one gets a NaN scale here, so the output
+    # channel is NaN as dense attention's. Every program writes the same NaN, so the result is order-independent.
+    tl.store(p_scale, float("nan"), mask=tl.max((b_v != b_v).to(tl.int32), axis=0) > 0)
     b_v = tl.minimum(tl.maximum(b_v * b_inv[None, :], -448.0), 448.0)
     if IS_INTERPRET:
         b_v = fp8e4m3_round_interpret(b_v)
