@@ -31,7 +31,8 @@ def feature_map(x, m_d, FEATURE: tl.constexpr):
     elif FEATURE == 1:
         phi = tl.where(x > 0, x + 1.0, tl.exp(x))
     else:
-        phi = tl.maximum(x, 0.0)
+        # NaN stays NaN (the default max would drop it on the GPU: a NaN key would vanish from the linear state).
+        phi = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return tl.where(m_d[None, :], phi, 0.0)
 
 

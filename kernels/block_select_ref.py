@@ -22,12 +22,15 @@ def select_blocks_ref(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -
         topk: fraction of key blocks to keep, in (0, 1].
     Returns:
         lut: [B, H, NQ, S] int32 selected key-block indices in ascending order, S = max(1, int(topk * NK)).
+        Equal scores go to the lowest indices (as in the Triton kernel), NaN scores rank last.
     """
     scores = q_pool @ k_pool.transpose(-1, -2)
     selected = num_selected_blocks(topk, k_pool.shape[-2])
-    # A NaN score would make top-k's choice arbitrary; rank it last so the choice stays well defined.
+    # A NaN score would make the choice arbitrary; rank it last so the choice stays well defined.
     scores = scores.nan_to_num(nan=float("-inf"))
-    index = scores.topk(selected, dim=-1, sorted=False).indices
+    # A stable sort breaks ties by index: torch.topk leaves them unspecified (a zero query block or all-equal keys
+    # tie every score, and the output then depends on which blocks are picked).
+    index = scores.sort(dim=-1, descending=True, stable=True).indices[..., :selected]
     return index.sort(dim=-1).values.to(torch.int32)
 
 

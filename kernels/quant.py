@@ -59,9 +59,14 @@ def quant_block_kernel(
         b_mean = tl.load(mean + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
         b_x = tl.where(m_x, b_x - b_mean[None, :], 0.0)
     rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
-    tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, tl.sum(b_x, axis=0) / rows)
+    b_sum = tl.sum(b_x, axis=0)
+    tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, b_sum / rows)
     b_x = b_x * mult
     scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) * (1.0 / 127.0)
+    # Max reductions skip NaN (on the GPU and in the interpreter): a NaN in the block, seen through its sum, makes
+    # the scale NaN, so every score of the block is NaN as the reference's (and dense attention's) would be.
+    b_total = tl.sum(b_sum)
+    scale = tl.where(b_total == b_total, scale, float("nan"))
     # One IEEE reciprocal (Triton's `/` on fp32 is approximate) and a multiply, as the reference.
     b_q = tl.minimum(tl.maximum(_round_half_away(b_x * tl.math.div_rn(1.0, scale)), -127.0), 127.0)
     tl.store(x_scale + i_bh.to(tl.int64) * N + i_n, scale)
@@ -158,7 +163,11 @@ def quant_v_fp8_kernel(
     p_v = tile_ptrs(head_base(v, i_bh, H, s_vb, s_vh), o_t, s_vl, o_d)
     # [BT, DP]
     b_v = tl.load(p_v, mask=m_x, other=0.0).to(tl.float32)
-    b_inv = tl.math.div_rn(1.0, tl.load(v_scale + i_bh.to(tl.int64) * D + o_d, mask=o_d < D, other=1.0))
+    p_scale = v_scale + i_bh.to(tl.int64) * D + o_d
+    b_inv = tl.math.div_rn(1.0, tl.load(p_scale, mask=o_d < D, other=1.0))
+    # kv_stats' max skips NaN (max reductions do): a channel holding one gets a NaN scale here, so the output
+    # channel is NaN as dense attention's. Every program writes the same NaN, so the result is order-independent.
+    tl.store(p_scale, float("nan"), mask=tl.max((b_v != b_v).to(tl.int32), axis=0) > 0)
     b_v = tl.minimum(tl.maximum(b_v * b_inv[None, :], -448.0), 448.0)
     if IS_INTERPRET:
         b_v = fp8e4m3_round_interpret(b_v)

@@ -97,12 +97,18 @@ def sparse_attn_fwd_kernel(
         b_sc = b_qs * tl.load(p_ks + i_k)
         if not EVEN_L:
             b_s = tl.where((o_t < L)[None, :], b_s, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_s, axis=1) * b_sc)
+        b_mx = tl.max(b_s, axis=1)
+        b_m_blk = b_mx * b_sc
+        b_m_new = tl.maximum(b_m, b_m_blk)
         b_alpha = tl.exp2(b_m - b_m_new)
+        # Exponent (s - s_max) * sc + bias, bias = s_max * sc - m <= 0: s - s_max is an exact integer difference
+        # <= 0, so P <= 1 (2^8.807 < 448 with the FP8 shift) at any score magnitude, however the FMA rounds, and
+        # the block holding the row maximum gives it exactly that. (exp2(s * sc - (m - 8.807)) rounds the shift by
+        # up to half an ulp of m, 0.25 at |m| ~ 4e6: P reached 2^9, saturated in FP8 while the row sum kept it.)
+        b_bias = tl.where(b_m_blk >= b_m_new, 0.0, b_m_blk - b_m_new)
         if PV_FP8:
-            b_p = tl.exp2(b_s * b_sc - (b_m_new - LOG2_FP8_MAX)[:, None])
-        else:
-            b_p = tl.exp2(b_s * b_sc - b_m_new[:, None])
+            b_bias += LOG2_FP8_MAX
+        b_p = tl.exp2((b_s - b_mx[:, None]) * b_sc + b_bias[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         b_acc = b_acc * b_alpha[:, None]
         if PV_FP8:

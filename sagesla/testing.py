@@ -1,10 +1,37 @@
-"""Test and benchmark helpers: a dense masked attention oracle, one comparison helper and a tiny Wan model."""
+"""Test and benchmark helpers: the documented error bounds, a dense masked attention oracle, one comparison helper,
+a pipeline runner for either backend and layout, and a tiny Wan model."""
 
 import dataclasses
 
 import torch
 
-from sagesla import metrics
+from sagesla import backends, metrics
+
+# Documented error bounds (README "Guarantees and limits"): rel-L1 of the whole forward, output in the input dtype,
+# against the same SLA computed densely in float64 from the same (16-bit) inputs with the same block selection.
+# Unit-scale random or video-like inputs; the extreme inputs of tests/test_extreme_values.py have their own.
+BOUND_SLA = 1e-2
+BOUND_SAGESLA = 5e-2
+# Triton pipeline against the torch reference on identical inputs and block selection: P is rounded (to e4m3,
+# relative step 2^-4, or to the compute dtype) after scaling by the running row maximum instead of the final one,
+# and the linear state is multiplied in bf16.
+TOL_KERNEL_FP8 = 3e-2
+TOL_KERNEL_HALF = 4e-3
+# The whole Triton pipeline with 16-bit P.V (the linear branch adds its bf16 state), and the unquantized
+# (trainable) one, whose P and linear state are rounded to bf16 in other places than the reference's.
+TOL_PIPELINE_HALF = 1e-2
+TOL_PIPELINE_SLA = 1e-2
+# Every forward path as (id, backend, quantized, pv_precision); Triton's unquantized one is the trainable SLA.
+FORWARD_PATHS = (
+    ("torch-sla", "torch", False, "half"),
+    ("torch-fp8", "torch", True, "fp8"),
+    ("torch-half", "torch", True, "half"),
+    ("triton-sla", "triton", False, "half"),
+    ("triton-fp8", "triton", True, "fp8"),
+    ("triton-half", "triton", True, "half"),
+)
+# phi(K)^T V of kv_stats with phi rounded to the compute dtype on the GPU (bf16: relative step 2^-8).
+TOL_KV_STATE = 5e-3
 
 
 def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, tol: float) -> None:
@@ -37,13 +64,20 @@ def dense_masked_attention(
     """Dense softmax attention, optionally restricted to ``token_mask`` [B, H, L, L] (True = attend).
 
     q, k, v: [B, H, L, D]; the math runs in ``dtype`` (float64 for ground truth). Returns [B, H, L, D] in ``dtype``.
+    Masked keys take no part even when their values are NaN / Inf (no ``0 * NaN``); an output element that sums a
+    non-finite value of an attended key is NaN.
     """
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     scores = (q @ k.transpose(-1, -2)) * scale
-    if token_mask is not None:
-        scores = scores.masked_fill(~token_mask, float("-inf"))
-    return torch.softmax(scores, dim=-1) @ v
+    if token_mask is None:
+        return torch.softmax(scores, dim=-1) @ v
+    p = torch.softmax(scores.masked_fill(~token_mask, float("-inf")), dim=-1)
+    finite = torch.isfinite(v)
+    if bool(finite.all()):
+        return p @ v
+    hit = token_mask.to(dtype) @ (~finite).to(dtype) > 0
+    return (p @ v.where(finite, 0.0)).masked_fill(hit, float("nan"))
 
 
 def sla_dense_reference(
@@ -53,15 +87,16 @@ def sla_dense_reference(
     lut: torch.Tensor,
     block_q: int,
     block_k: int,
-    proj_weight: torch.Tensor,
-    proj_bias: torch.Tensor,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
     feature_map: str = "softmax",
     dtype: torch.dtype = torch.float32,
+    sm_scale: float | None = None,
 ) -> torch.Tensor:
     """SLA computed densely: softmax attention masked to ``lut``'s blocks plus ``proj_l`` of the linear branch.
 
-    q, k, v: [B, H, L, D]; lut: [B, H, NQ, S]. One head at a time, so only one [L, L] score matrix is alive.
-    Returns [B, H, L, D] in ``dtype``.
+    q, k, v: [B, H, L, D]; lut: [B, H, NQ, S]; no linear branch when ``proj_weight`` is None. One head at a time,
+    so only one [L, L] score matrix is alive. Returns [B, H, L, D] in ``dtype``.
     """
     from sagesla.kernels.block_select_ref import lut_to_mask
     from sagesla.kernels.linear_attn_ref import linear_attn_ref
@@ -74,11 +109,56 @@ def sla_dense_reference(
             k[:, h : h + 1],
             v[:, h : h + 1],
             expand_block_mask(mask[:, h : h + 1], length, block_q, block_k),
+            sm_scale=sm_scale,
             dtype=dtype,
         )
         for h in range(q.shape[1])
     ]
-    return torch.cat(heads, dim=1) + linear_attn_ref(q, k, v, feature_map, proj_weight, proj_bias).to(dtype)
+    o = torch.cat(heads, dim=1)
+    if proj_weight is None:
+        return o
+    return o + linear_attn_ref(q, k, v, feature_map, proj_weight, proj_bias).to(dtype)
+
+
+def run_forward(
+    backend: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    topk: float,
+    tensor_layout: str = "HND",
+    quantized: bool = True,
+    pv_precision: str = "fp8",
+    block_q: int = 64,
+    block_k: int = 64,
+    feature_map: str = "softmax",
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One backend's pipeline ("torch" or "triton") on already-valid inputs, returning its block selection too.
+
+    Takes q, k, v in ``tensor_layout`` ([B, H, L, D] or [B, L, H, D], in the compute dtype) and hands the pipeline
+    strided HND views, as ``sparse_linear_attn`` does; the output is NaN-poisoned first, so unwritten rows show.
+    Returns (o in the inputs' layout and dtype, lut [B, H, NQ, S] int32).
+    """
+    to_hnd = (lambda x: x) if tensor_layout == "HND" else (lambda x: x.transpose(1, 2))
+    out = torch.full_like(q, float("nan"))
+    lut = backends.forward_for(backend, quantized)(
+        *(to_hnd(x) for x in (q, k, v)),
+        topk=topk,
+        block_q=block_q,
+        block_k=block_k,
+        sm_scale=q.shape[-1] ** -0.5,
+        quantized=quantized,
+        pv_precision=pv_precision,
+        feature_map=feature_map,
+        linear_scope="all",
+        proj_weight=proj_weight,
+        proj_bias=proj_bias,
+        out=to_hnd(out),
+    )
+    return out, lut
 
 
 # A 2-block diffusers WanTransformer3DModel, 2 heads of 64: a forward on ``wan_inputs()`` (256 tokens) takes 0.02 s

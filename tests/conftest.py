@@ -15,6 +15,25 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+def _hypothesis_profiles() -> None:
+    """Property tests: "ci" (the default) draws the same examples on every run (derandomize, no example database),
+    so a failure reproduces anywhere; "explore" draws fresh ones (HYPOTHESIS_PROFILE=explore, with
+    SAGESLA_FUZZ_SCALE=10 for ten times the examples). Interpreted kernels are slow: no deadline.
+    Without hypothesis (a bare GPU image) tests/test_fuzz.py skips itself.
+    """
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:
+        return
+    slow_ok = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", derandomize=True, database=None, deadline=None, suppress_health_check=slow_ok)
+    settings.register_profile("explore", deadline=None, suppress_health_check=slow_ok)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+_hypothesis_profiles()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
@@ -30,6 +49,22 @@ def _seed() -> None:
 @pytest.fixture
 def device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def gpu_nan_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the interpreter's ``tl.minimum`` / ``tl.maximum`` drop NaN, as the GPU's do (a no-op on CUDA).
+
+    The interpreter evaluates them with numpy's NaN-propagating minimum / maximum, which would hide a kernel that
+    turns a NaN into a finite value on the GPU. (``tl.max`` reductions already skip NaN there, as on the GPU.)
+    """
+    if HAS_CUDA:
+        return
+    import numpy as np
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    monkeypatch.setattr(InterpreterBuilder, "create_maxnumf", lambda self, a, b: self.binary_op(a, b, np.fmax))
+    monkeypatch.setattr(InterpreterBuilder, "create_minnumf", lambda self, a, b: self.binary_op(a, b, np.fmin))
 
 
 @pytest.fixture

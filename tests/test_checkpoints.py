@@ -1,7 +1,6 @@
 """SLA checkpoints: our keys and TurboDiffusion's, safetensors / .pt / dicts, strictness, all-or-nothing loads."""
 
 import os
-import pickle
 
 import pytest
 import torch
@@ -58,7 +57,8 @@ def test_save_then_load_round_trip(tmp_path):
     assert sagesla.save_sla_weights(source, path) == KEYS
     assert os.listdir(tmp_path) == ["sla.safetensors"]
     with safe_open(path, framework="pt") as handle:
-        assert handle.metadata() == checkpoints.METADATA
+        metadata = handle.metadata()
+    assert metadata.items() > checkpoints.METADATA.items() and len(metadata[checkpoints.CHECKSUM_KEY]) == 64
     report = sagesla.load_sla_weights(target, path)
     assert report.loaded == KEYS and report.missing == [] and report.unexpected == [] and report.ignored == 0
     assert str(report).startswith(f"load_sla_weights: 4 tensor(s) from {str(path)!r}; missing [], unexpected []")
@@ -157,15 +157,114 @@ def test_bad_checkpoint_raises_and_changes_nothing(change, error, message):
 
 
 class _Evil:
+    """Unpickling this calls ``open(marker, "w")``: the file appears if the payload ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (os.system, ("echo unpickled",))
+        return (open, (self.marker, "w"))
 
 
 def test_torch_files_are_loaded_without_unpickling_code(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({KEYS[0]: torch.randn(64, 64), "payload": _Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        sagesla.load_sla_weights(_PatchedLike(), path)
+    path, marker = tmp_path / "evil.pt", tmp_path / "payload-ran"
+    torch.save(random_weights() | {"payload": _Evil(marker)}, path)
+    torch.load(path, weights_only=False)
+    assert marker.exists(), "the payload is live: unrestricted unpickling runs it"
+    marker.unlink()
+    model = _PatchedLike()
+    before = sla_state(model)
+    with pytest.raises(ValueError, match=r"evil.pt' cannot be loaded with torch.load\(weights_only=True\)"):
+        sagesla.load_sla_weights(model, path)
+    assert not marker.exists()
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+def test_a_pickle_posing_as_a_profile_is_refused_without_running(tmp_path):
+    """Profiles load through safetensors only: a torch.save payload named like a profile is an unreadable file."""
+    pytest.importorskip("diffusers")
+    from sagesla.profile import ProfileError, load_profile
+    from sagesla.testing import tiny_wan_transformer
+
+    path, marker = tmp_path / "evil.profile.safetensors", tmp_path / "payload-ran"
+    torch.save({"payload": _Evil(marker)}, path)
+    with pytest.raises(ProfileError, match=r"evil.profile.safetensors' is not a readable safetensors file"):
+        load_profile(path)
+    model = tiny_wan_transformer()
+    with pytest.raises(ProfileError, match=r"is not a readable safetensors file"):
+        sagesla.patch(model, profile=path)
+    assert not marker.exists() and sagesla.unpatch(model) == []
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class _Wider(nn.Module):
+    """Two blocks of SLA with head_dim 128: the same keys as ``_PatchedLike``, other shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        for block in self.blocks:
+            block.attn1.sla = sagesla.SageSparseLinearAttention(head_dim=128, topk=0.5)
+
+
+@pytest.mark.parametrize(
+    "name,spoil,message",
+    [
+        ("sla.safetensors", _truncate, r"sla.safetensors' is not a readable safetensors file \(truncated or corr"),
+        ("sla.safetensors", lambda p: p.write_bytes(b"\x10" + bytes(7) + b"{not json}"), r"not a readable safetensors"),
+        ("sla.safetensors", _flip_last_byte, r"sla.safetensors' is corrupted: its tensors do not match"),
+        ("sla.safetensors", None, r"'blocks.0.attn1.sla.proj_l.weight' has shape \(128, 128\), .* \(64, 64\)"),
+        ("folder/b.safetensors", _truncate, r"b.safetensors' is not a readable safetensors file"),
+        ("sla.pt", _truncate, r"sla.pt' cannot be loaded with torch.load\(weights_only=True\): it is truncated"),
+        ("sla.pt", lambda p: p.write_bytes(b""), r"sla.pt' cannot be loaded"),
+    ],
+    ids=["truncated", "bad-header", "flipped-data-byte", "other-head-dim", "folder-with-a-bad-file", "pt-truncated",
+         "pt-empty"],
+)  # fmt: skip
+def test_unreadable_or_mismatched_file_raises_and_changes_nothing(tmp_path, name, spoil, message):
+    """A truncated, corrupted or mismatched file raises a ValueError naming it; the model keeps its weights."""
+    source = _Wider() if spoil is None else _PatchedLike()
+    with torch.no_grad():
+        for parameter in checkpoints.sla_parameters(source).values():
+            parameter.normal_()
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    if name.endswith(".pt"):
+        torch.save(sla_state(source), path)
+    else:
+        sagesla.save_sla_weights(source, path)
+    if name.startswith("folder/"):
+        # A good file beside the bad one: nothing of it may load either.
+        sagesla.save_sla_weights(source, path.with_name("a.safetensors"))
+    if spoil is not None:
+        spoil(path)
+    model = _PatchedLike()
+    before = sla_state(model)
+    with pytest.raises(ValueError, match=message):
+        sagesla.load_sla_weights(model, path.parent if name.startswith("folder/") else path)
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+def test_saved_file_is_flushed_before_the_rename_and_gets_the_usual_mode(tmp_path, monkeypatch):
+    """os.fsync runs before os.replace (a crash leaves the old file or the new one), and the mode is open()'s."""
+    events = []
+    for name in ("fsync", "replace"):
+        original = getattr(os, name)
+        monkeypatch.setattr(checkpoints.os, name, lambda *a, _f=original, _n=name: events.append(_n) or _f(*a))
+    path = tmp_path / "sla.safetensors"
+    sagesla.save_sla_weights(_PatchedLike(), path)
+    assert events == ["fsync", "replace"]
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 @pytest.mark.parametrize(

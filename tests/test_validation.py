@@ -1,9 +1,13 @@
 """Every bad input raises a clear error naming the argument, the value and what is accepted."""
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import sagesla
+from sagesla import backends
 
 Q = torch.randn(1, 2, 64, 64)
 
@@ -61,6 +65,15 @@ def test_bad_input(overrides, error, message):
 def test_triton_forced_but_unavailable_raises_not_implemented():
     with pytest.raises(NotImplementedError, match="backend='triton' cannot serve this call"):
         call(backend="triton", q=torch.randn(1, 2, 64, 300), k=torch.randn(1, 2, 64, 300), v=torch.randn(1, 2, 64, 300))
+
+
+def test_auto_on_cuda_falls_back_to_torch_and_logs_why(monkeypatch, caplog):
+    """On a CUDA tensor the Triton kernels cannot serve, "auto" runs the torch reference and logs the reason."""
+    monkeypatch.setattr(backends, "triton_unsupported_reason", lambda *args: "head_dim 320 > 256 (test)")
+    cuda_like = SimpleNamespace(device=torch.device("cuda"))
+    with caplog.at_level(logging.INFO, logger="sagesla"):
+        assert backends.resolve_backend("auto", cuda_like, 64, 128, True, "all", "fp8") == "torch"
+    assert "backend='auto' uses the torch reference: head_dim 320 > 256 (test)" in caplog.text
 
 
 @pytest.mark.parametrize(

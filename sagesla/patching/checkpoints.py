@@ -5,16 +5,17 @@ Keys: ours are the model's own state-dict names, ``blocks.{i}.attn1.sla.proj_l.w
 ``[net.]blocks.{i}.self_attn.attn_op.local_attn.proj_l.{weight,bias}`` name the same tensors of block i.
 """
 
+import hashlib
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save, save_file
 from torch import nn
 
 from sagesla import validation
@@ -22,8 +23,10 @@ from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
 
 # The attribute of a patched layer holding its SLA module (so its keys read ``...attn1.sla.proj_l.weight``).
 SLA_ATTRIBUTE = "sla"
-# The metadata ``save_sla_weights`` writes into its safetensors files.
+# The metadata ``save_sla_weights`` writes into its safetensors files, plus the SHA-256 of the tensors under
+# ``CHECKSUM_KEY`` (checked on load: safetensors itself does not notice a corrupted data byte).
 METADATA = {"format": "sagesla.sla_weights", "schema_version": "1"}
+CHECKSUM_KEY = "sha256"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 _PROJ_L_KEY = re.compile(r"(^|\.)proj_l\.(weight|bias)$")
@@ -77,6 +80,45 @@ def _select(state: Mapping) -> tuple[dict[str, object], int]:
     return chosen, len(state) - len(chosen)
 
 
+def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors serialized alone (safetensors' byte layout is deterministic), as profiles use."""
+    return hashlib.sha256(save(dict(tensors))).hexdigest()
+
+
+def _read_torch_file(path: Path) -> object:
+    try:
+        # weights_only: a checkpoint is data, never code to unpickle.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"SLA checkpoint {str(path)!r} cannot be loaded with torch.load(weights_only=True): it is truncated or "
+            f"corrupted, or holds objects other than tensors and containers (never unpickled): {error}"
+        ) from error
+
+
+def _read_safetensors(file: Path) -> tuple[dict[str, object], int]:
+    """(``proj_l`` tensors, count of other keys) of one safetensors file; its checksum checked when it has one."""
+    chosen, ignored = {}, 0
+    try:
+        # Reads only the proj_l tensors, not the whole (possibly 14B-parameter) checkpoint.
+        with safe_open(file, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                if _PROJ_L_KEY.search(key):
+                    chosen[key] = handle.get_tensor(key)
+                else:
+                    ignored += 1
+    except SafetensorError as error:
+        raise ValueError(
+            f"SLA checkpoint {str(file)!r} is not a readable safetensors file (truncated or corrupted): {error}"
+        ) from error
+    expected = metadata.get(CHECKSUM_KEY) if metadata.get("format") == METADATA["format"] else None
+    # save_sla_weights files hold only proj_l tensors, so the checksum covers exactly what was read.
+    if expected is not None and _checksum(chosen) != expected:
+        raise ValueError(f"SLA checkpoint {str(file)!r} is corrupted: its tensors do not match their saved SHA-256")
+    return chosen, ignored
+
+
 def _read(source: object) -> tuple[dict[str, object], int, str]:
     """(``proj_l`` entries, count of other keys, description) of a state dict, file or directory."""
     if isinstance(source, Mapping):
@@ -87,8 +129,7 @@ def _read(source: object) -> tuple[dict[str, object], int, str]:
     if not path.exists():
         raise FileNotFoundError(f"`path_or_state_dict` {str(path)!r} does not exist")
     if path.suffix in TORCH_SUFFIXES:
-        # weights_only: a checkpoint is data, never code to unpickle.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_torch_file(path)
         # TurboDiffusion's training checkpoints nest the weights under "state_dict".
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
@@ -108,13 +149,9 @@ def _read(source: object) -> tuple[dict[str, object], int, str]:
         )
     chosen, ignored = {}, 0
     for file in files:
-        # Reads only the proj_l tensors, not the whole (possibly 14B-parameter) checkpoint.
-        with safe_open(file, framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                if _PROJ_L_KEY.search(key):
-                    chosen[key] = handle.get_tensor(key)
-                else:
-                    ignored += 1
+        tensors, others = _read_safetensors(file)
+        chosen |= tensors
+        ignored += others
     return chosen, ignored, repr(str(path))
 
 
@@ -137,8 +174,10 @@ def load_sla_weights(
         a ``LoadReport`` (loaded, missing and unexpected keys).
     Raises:
         TypeError: a wrong kind of argument, or a ``proj_l`` entry that is not a floating tensor.
-        ValueError: no SLA layer in ``model``; a shape mismatch or NaN/Inf; two checkpoint keys for one model
-            key; no key matched; with ``strict``, missing or unexpected keys (the message lists them).
+        ValueError: no SLA layer in ``model``; a file that cannot be read (truncated, corrupted, a checksum
+            mismatch, or a ``.pt`` holding objects other than tensors); a shape mismatch or NaN/Inf; two checkpoint
+            keys for one model key; no key matched; with ``strict``, missing or unexpected keys (the message lists
+            them).
         FileNotFoundError: the path does not exist.
     """
     if not isinstance(model, nn.Module):
@@ -188,27 +227,34 @@ def save_sla_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Write every SLA layer's ``proj_l`` of ``model`` to a safetensors file, atomically; returns the keys.
 
     The keys are the model's state-dict names (``blocks.{i}.attn1.sla.proj_l.weight`` ...), the metadata
-    ``METADATA``. The file appears complete or not at all (written beside ``path``, then renamed over it).
+    ``METADATA`` and the tensors' SHA-256 (checked on load), written by ``save_file_atomic``.
     """
     parameters = sla_parameters(model)
     if not parameters:
         raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
     tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
-    save_file_atomic(tensors, path, METADATA)
+    save_file_atomic(tensors, path, METADATA | {CHECKSUM_KEY: _checksum(tensors)})
     return list(tensors)
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file that appears complete or not at all.
+    """Write a safetensors file that appears complete or not at all, even across a crash.
 
-    The file is written beside ``path`` under a temporary name, then renamed over it (``os.replace`` is atomic on
-    one file system); on any failure the temporary file is removed and an existing ``path`` is left as it was.
+    The file is written beside ``path`` under a temporary name, flushed to disk, then renamed over it
+    (``os.replace`` is atomic on one file system); on any failure the temporary file is removed and an existing
+    ``path`` is left as it was. It gets the mode a plain ``open`` would give (0666 less the umask).
     """
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # A fresh file (O_EXCL) with mode 0666 less the umask, as open() gives it.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    mode = temporary.stat().st_mode
     try:
         save_file(tensors, temporary, metadata=metadata)
+        # save_file leaves it 0600 (unreadable to a group sharing the model folder): give the mode back.
+        os.chmod(temporary, mode)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

@@ -58,3 +58,15 @@ def test_lut_to_mask():
     lut = torch.tensor([[[[0, 2], [1, 3]]]], dtype=torch.int32)
     mask = lut_to_mask(lut, 4)
     assert mask.tolist() == [[[[True, False, True, False], [False, True, False, True]]]]
+
+
+def test_ties_go_to_the_lowest_index():
+    """Equal scores (a zero query block, all-equal keys) pick the lowest indices, as the Triton kernel does."""
+    values = torch.tensor([-1.0, 2.0, -0.5, float("nan"), 2.0, -3.0, 2.0, 0.0, -0.0, 1.0])
+    k_pool = values.view(1, 1, -1, 1)
+    expected = {1: [1], 3: [1, 4, 6], 4: [1, 4, 6, 9], 6: [1, 4, 6, 7, 8, 9], 9: [0, 1, 2, 4, 5, 6, 7, 8, 9]}
+    for count, blocks in expected.items():
+        assert select_blocks_ref(torch.ones(1, 1, 1, 1), k_pool, count / 10).tolist() == [[[blocks]]], count
+    # A zero query block ties every key block.
+    lut = select_blocks_ref(torch.zeros(1, 1, 1, 8), torch.randn(1, 1, 40, 8), 0.25)
+    assert lut.tolist() == [[[list(range(10))]]]
