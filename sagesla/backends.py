@@ -46,9 +46,9 @@ def default_pv_precision(device: torch.device) -> str:
     return "half" if device.type == "cuda" and not _has_fp8_mma(device) else "fp8"
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import: torch.compile traces triton_unsupported_reason (the Wan processor asks it on every
+# call) and cannot trace importlib.
+_TRITON_IMPORTABLE = importlib.util.find_spec("triton") is not None
 
 
 def _pow2_in(value: int, low: int, high: int) -> bool:
@@ -59,7 +59,7 @@ def triton_unsupported_reason(
     q: torch.Tensor, block_q: int, block_k: int, quantized: bool, linear_scope: str, pv_precision: str
 ) -> str | None:
     """Why the Triton backend cannot serve these (already validated) inputs, or None if it can."""
-    if not _triton_importable():
+    if not _TRITON_IMPORTABLE:
         return "triton is not installed"
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"the kernels need CUDA tensors, got {q.device.type} (TRITON_INTERPRET=1 runs them on CPU)"

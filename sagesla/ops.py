@@ -70,11 +70,13 @@ def train_sla(*args) -> torch.Tensor:
     """
     q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k, *rest = args
     sm_scale, tensor_layout, compute_dtype, pv_precision, backend = rest
-    if quantized or q.numel() == 0:
+    if q.numel() == 0:
         return run_sla(*args)
     hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
-    if backends.resolve_backend(backend, hnd[0], block_q, block_k, False, linear_scope, pv_precision) != "triton":
-        return run_sla(*args)
+    if backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision) != "triton":
+        return run_sla(*args)  # the torch reference, differentiable as it stands
+    if quantized:
+        return sparse_linear_attn_op(*args)  # the SageSLA kernels record no autograd graph: the opaque op
     from sagesla.kernels.sla_train import sla_train
 
     o, _ = sla_train(

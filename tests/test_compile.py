@@ -162,3 +162,15 @@ def test_trainable_triton_path_compiles_with_its_backward():
     for name, a, b in zip(("q", "k", "v", "weight", "bias"), eager, compiled, strict=True):
         assert torch.equal(a, b), name
         assert a.abs().sum() > 0, name
+
+
+def test_patched_wan_on_the_triton_backend_traces_without_graph_breaks():
+    """The processor's per-call fallback checks and the kernels (interpreted on CPU) stay inside one graph, with
+    gradients enabled too (proj_l requires grad; the SageSLA kernels then run as the opaque op)."""
+    model = tiny_wan_transformer()  # conftest runs Triton's interpreter where there is no CUDA device
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    sagesla.patch(model, topk=0.5, backend="triton")
+    inputs = [x.to(device) for x in wan_inputs()]
+    explained = torch._dynamo.explain(lambda *x: model(*x, return_dict=False)[0])(*inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
