@@ -2,7 +2,7 @@
 
 Twin of ``block_select_ref.select_blocks_ref``. A bitwise radix search finds each row's S-th largest score in 32
 counting rounds, whatever S is; blocks above it are kept, ties at it go to the lowest indices, and a prefix sum
-over the kept flags writes them in ascending order. No host synchronisation.
+over the kept flags writes them in ascending order. No host synchronisation; the score buffer is bounded.
 """
 
 import torch
@@ -10,6 +10,10 @@ import triton
 import triton.language as tl
 
 from sagesla.kernels.block_select_ref import MAX_KEY_BLOCKS, num_selected_blocks
+
+# Pooled scores alive at once: 128 MiB holds every head of the Wan2.1-14B shape (B1 H40 L75600, 112 MiB at 64 x 128
+# blocks), so measured shapes run in one launch; larger batches are ranked a group of heads at a time.
+SCORE_BUFFER_BYTES = 128 << 20
 
 
 @triton.jit
@@ -59,19 +63,23 @@ def select_blocks_kernel(
     tl.store(p_lut, tl.broadcast_to(o_j[None, :], [BQT, NKP]), mask=b_sel & (o_i < NQ)[:, None])
 
 
-def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> torch.Tensor:
+def select_blocks(
+    q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float, *, score_bytes: int = SCORE_BUFFER_BYTES
+) -> torch.Tensor:
     """Triton twin of ``select_blocks_ref``.
 
-    The pooled scores [B, H, NQ, NK] come from one fp32 matrix product (the reference's own op, so both rank
-    identical numbers); the kernel ranks them and writes the look-up table.
+    The pooled scores come from fp32 matrix products (the reference's own op, so both rank identical numbers),
+    a group of heads at a time so the score buffer stays within ``score_bytes`` (one head at least); the kernel
+    ranks them and writes the look-up table. Group sizes depend on shapes only (CUDA-graph safe).
 
     Args:
         q_pool: [B, H, NQ, W] fp32, k_pool: [B, H, NK, W] fp32 (W = D, or DP with zero padded columns).
         topk: fraction of key blocks to keep.
+        score_bytes: the most bytes of scores alive at once.
     Returns:
         lut: [B, H, NQ, S] int32, ascending.
     """
-    B, H, NQ, _ = q_pool.shape
+    B, H, NQ, W = q_pool.shape
     NK = k_pool.shape[2]
     S = num_selected_blocks(topk, NK)
     NKP = max(16, triton.next_power_of_2(NK))
@@ -79,7 +87,13 @@ def select_blocks(q_pool: torch.Tensor, k_pool: torch.Tensor, topk: float) -> to
         raise NotImplementedError(f"select_blocks: {NK} key blocks exceed the kernel's {MAX_KEY_BLOCKS}")
     # Measured on an H100 (benchmarks/README.md): 8 rows on 4 warps up to 256 key blocks, then one row on 2 warps.
     rows, warps = (8, 4) if NKP <= 256 else (1, 2)
-    scores = (q_pool @ k_pool.transpose(-1, -2)).contiguous()
-    lut = torch.empty(B, H, NQ, S, device=q_pool.device, dtype=torch.int32)
-    select_blocks_kernel[(triton.cdiv(NQ, rows), B * H)](scores, lut, NQ, NK, S, BQT=rows, NKP=NKP, num_warps=warps)
-    return lut
+    q_heads, k_heads = q_pool.reshape(B * H, NQ, W), k_pool.reshape(B * H, NK, -1)
+    lut = torch.empty(B * H, NQ, S, device=q_pool.device, dtype=torch.int32)
+    group = max(1, score_bytes // (NQ * NK * 4))
+    for start in range(0, B * H, group):
+        heads = slice(start, min(start + group, B * H))
+        scores = (q_heads[heads] @ k_heads[heads].transpose(-1, -2)).contiguous()
+        select_blocks_kernel[(triton.cdiv(NQ, rows), scores.shape[0])](
+            scores, lut[heads], NQ, NK, S, BQT=rows, NKP=NKP, num_warps=warps
+        )
+    return lut.view(B, H, NQ, S)

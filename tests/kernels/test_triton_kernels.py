@@ -101,6 +101,19 @@ def test_select_blocks_equal(shape, bq, bk, topk):
     assert torch.equal(tri, ref)
 
 
+def test_select_blocks_in_head_groups_equals_one_launch():
+    """A score buffer smaller than all heads' scores ranks a group of heads at a time: the same look-up table."""
+    device = _device((2, 3, 64, 64))
+    gen = torch.Generator(device=device).manual_seed(3)
+    q_pool = torch.randn(2, 3, 9, 32, generator=gen, device=device)
+    k_pool = torch.randn(2, 3, 20, 32, generator=gen, device=device)
+    whole = select_blocks(q_pool, k_pool, 0.25)
+    one_head = 9 * 20 * 4
+    for budget in (1, one_head, 2 * one_head + 1, 4 * one_head):
+        assert torch.equal(select_blocks(q_pool, k_pool, 0.25, score_bytes=budget), whole), budget
+    assert torch.equal(whole, select_blocks_ref(q_pool, k_pool, 0.25))
+
+
 def test_select_blocks_ties_negatives_and_nan():
     """Exact ties go to the lowest indices; negative scores rank by value; NaN scores rank last."""
     device = _device((1, 1, 64, 64))
