@@ -5,10 +5,12 @@ import pathlib
 import runpy
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+from sagesla import metrics
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
 
 
@@ -56,3 +58,43 @@ def test_train_tiny_smoke(tmp_path, monkeypatch, capsys):
     assert "prompts.words.weight" in keys and any(k.startswith("transformer.blocks.1.") for k in keys)
     assert json.loads(metadata["config"])["num_layers"] == 2 and float(metadata["final_loss"]) > 0
     assert "4 steps" in capsys.readouterr().out
+
+
+def test_ssim_and_psnr_match_their_definitions():
+    """SSIM equals scikit-image's (gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=2):
+    0.8846067879568205 on these numpy draws, computed with scikit-image once; PSNR of noise std 0.1 is 26.0 dB."""
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 32)) * 2 - 1
+    y = x + 0.1 * rng.standard_normal((32, 32))
+    assert metrics.ssim(torch.from_numpy(y), torch.from_numpy(x)) == pytest.approx(0.8846067879568205, abs=1e-12)
+    assert metrics.ssim(torch.from_numpy(x), torch.from_numpy(x)) == pytest.approx(1.0)
+    psnr = metrics.psnr(torch.from_numpy(y), torch.from_numpy(x))
+    assert psnr == pytest.approx(10 * np.log10(4 / np.mean((y - x) ** 2)))
+
+
+def test_video_demo_writes_its_outputs(tmp_path):
+    pytest.importorskip("diffusers")
+    from PIL import Image
+
+    from sagesla.embedded.demo import format_results, run_video_demo
+    from sagesla.embedded.model import TINY_VIDEO_CONFIG
+
+    config = {**TINY_VIDEO_CONFIG, "num_layers": 2}
+    prompts = ("red circle moves right", "blue square moves up")
+    results, trained = run_video_demo(tmp_path, prompts=prompts, steps=2, config=config, progress=False)
+    assert not trained and [r.prompt for r in results] == list(prompts)
+    assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in results)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
+    gif = Image.open(tmp_path / "demo.gif")
+    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 2 + 2) * 4, 32 * 4)
+    assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
+    assert "| red circle moves right" in format_results(results)
+
+
+def test_load_rejects_a_missing_weights_file(tmp_path):
+    pytest.importorskip("diffusers")
+    from sagesla.embedded.demo import load
+
+    with pytest.raises(FileNotFoundError, match="scripts/train_tiny.py"):
+        load(tmp_path / "nope.safetensors", "cpu")
