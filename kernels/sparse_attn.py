@@ -92,7 +92,7 @@ def sparse_attn_fwd_kernel(
         # [BK, DP] int8
         b_k = tl.load(p_k + o_t[:, None] * DP + o_d[None, :])
         # [BQ, BK] integer dot products; base-2 scores are b_s * b_sc (b_sc > 0, so the row maximum scales too),
-        # and the scale goes into the exponent's FMA (3.5 % off the loop at L=75600 on an H200).
+        # and the scale goes into the exponent's FMA (H100, B1 H12 L32760: loop 0.567 ms, 1.196 ms in all).
         b_s = tl.dot(b_q, tl.trans(b_k)).to(tl.float32)
         b_sc = b_qs * tl.load(p_ks + i_k)
         if not EVEN_L:

@@ -91,8 +91,7 @@ def sparse_linear_attn(
         if compute_dtype is not None:
             validation.check_choice("compute_dtype", compute_dtype, validation.COMPUTE_DTYPES)
         validation.check_proj(proj_weight, proj_bias, q.shape[-1], q.device)
-    hnd = [x if tensor_layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
-    length, head_dim = hnd[0].shape[-2:]
+    length, head_dim = q.shape[2 if tensor_layout == "HND" else 1], q.shape[-1]
     block_q, block_k = resolve_block_sizes(quantized, q.device, block_q, block_k)
     if not compiling:
         validation.check_block_size("block_q", block_q)

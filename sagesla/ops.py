@@ -12,6 +12,11 @@ import torch
 from sagesla import backends
 
 
+def _hnd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: str) -> list[torch.Tensor]:
+    """[B, H, L, D] views of q, k, v given in ``tensor_layout``."""
+    return [x if tensor_layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
+
+
 def run_sla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -42,7 +47,7 @@ def run_sla(
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() == 0:
         return out
-    hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
+    hnd = [x.to(compute_dtype) for x in _hnd_views(q, k, v, tensor_layout)]
     chosen = backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision)
     backends.forward_for(chosen, quantized)(
         *hnd,
@@ -72,11 +77,13 @@ def train_sla(*args) -> torch.Tensor:
     sm_scale, tensor_layout, compute_dtype, pv_precision, backend = rest
     if q.numel() == 0:
         return run_sla(*args)
-    hnd = [(x if tensor_layout == "HND" else x.transpose(1, 2)).to(compute_dtype) for x in (q, k, v)]
+    hnd = _hnd_views(q, k, v, tensor_layout)
+    # The choice depends on device and shapes only, so it is made before any dtype copy.
     if backends.resolve_backend(backend, hnd[0], block_q, block_k, quantized, linear_scope, pv_precision) != "triton":
         return run_sla(*args)  # the torch reference, differentiable as it stands
     if quantized:
         return sparse_linear_attn_op(*args)  # the SageSLA kernels record no autograd graph: the opaque op
+    hnd = [x.to(compute_dtype) for x in hnd]
     from sagesla.kernels.sla_train import sla_train
 
     o, _ = sla_train(
