@@ -94,8 +94,7 @@ def sparse_linear_attn(
     length, head_dim = q.shape[2 if tensor_layout == "HND" else 1], q.shape[-1]
     block_q, block_k = resolve_block_sizes(quantized, q.device, block_q, block_k)
     if not compiling:
-        validation.check_block_size("block_q", block_q)
-        validation.check_block_size("block_k", block_k)
+        validation.check_block_sizes(block_q=block_q, block_k=block_k)
         if check_inputs:
             validation.check_finite(q, k, v)
     if compute_dtype is None:

@@ -38,9 +38,7 @@ class _SLABase(nn.Module):
         validation.check_choice("tensor_layout", tensor_layout, validation.TENSOR_LAYOUTS)
         validation.check_choice("backend", backend, validation.BACKENDS)
         validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
-        for name, value in (("BLKQ", BLKQ), ("BLKK", BLKK)):
-            if value is not None:
-                validation.check_block_size(name, value)
+        validation.check_block_sizes(BLKQ=BLKQ, BLKK=BLKK)
         self.head_dim = head_dim
         self.feature_map = feature_map
         self.BLKQ, self.BLKK = BLKQ, BLKK

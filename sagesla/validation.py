@@ -43,6 +43,13 @@ def check_block_size(name: str, value: object) -> None:
         raise ValueError(f"`{name}` must be a positive int (rows per block), got {value!r}")
 
 
+def check_block_sizes(**sizes: object) -> None:
+    """``check_block_size`` for each name=value given, None meaning "the default" (accepted)."""
+    for name, value in sizes.items():
+        if value is not None:
+            check_block_size(name, value)
+
+
 def check_sm_scale(sm_scale: object) -> None:
     if sm_scale is None:
         return

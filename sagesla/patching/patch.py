@@ -71,9 +71,7 @@ def _check_arguments(topk, profile, quantized, backend, linear_scope, feature_ma
     validation.check_choice("backend", backend, validation.BACKENDS)
     validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
     validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if value is not None:
-            validation.check_block_size(name, value)
+    validation.check_block_sizes(block_q=block_q, block_k=block_k)
 
 
 def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | None) -> dict[str, float]:
