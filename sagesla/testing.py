@@ -2,6 +2,8 @@
 a pipeline runner for either backend and layout, and a tiny Wan model."""
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -247,3 +249,84 @@ def run_wan(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.T
     """The model's output [1, 16, frames, size, size] for ``wan_inputs``, without autograd."""
     with torch.no_grad():
         return model(*inputs, return_dict=False)[0]
+
+
+def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> Any:
+    """Run ``fn(*args)`` on ``world`` local processes of one ``torch.distributed`` group; rank 0's result.
+
+    ``fn`` must be importable (module level). With ``backend="nccl"`` rank r runs on GPU r. Rank 0's result travels
+    back through a queue, so it must be picklable (plain numbers, strings, lists, dicts).
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank_main, args=(world, port, backend, fn, args, results), nprocs=world)
+    return results.get()
+
+
+def _rank_main(rank: int, world: int, port: int, backend: str, fn, args, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    elif torch.accelerator.device_count() == 0:
+        # diffusers 0.42.1 picks each rank's device as rank % accelerator count: zero on a CPU-only machine.
+        torch.accelerator.device_count = lambda: 1
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            results.put(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def ulysses_vs_one_device(
+    shape_name: str, num_layers: int, topk: float, quantized: bool, backend: str, dtype_name: str, degree: int
+) -> dict:
+    """On every rank: one patched Wan step on this rank's device alone, then under ``enable_ulysses(degree)``.
+
+    The SLA layers get random ``proj_l`` weights and per-layer topk ``topk, topk * 2, ...`` (capped at 1), so the
+    linear branch and per-layer settings are exercised. Returns rel-L1 and max |diff| of the N-rank output against
+    the one-device output, both runs' per-layer sparsity and fallback reasons (rank 0's, for ``spawn_ranks``).
+    """
+    import sagesla
+    from sagesla.parallel import enable_ulysses
+
+    rank = torch.distributed.get_rank()
+    device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    shape = WAN_SHAPES[shape_name]
+    shape = dataclasses.replace(shape, config={**shape.config, "num_layers": num_layers})
+    torch.manual_seed(0)
+    model = build_wan(shape, device, dtype)
+    names = [f"blocks.{i}.attn1" for i in range(num_layers)]
+    sagesla.patch(
+        model, profile={n: min(1.0, topk * 2**i) for i, n in enumerate(names)}, quantized=quantized, backend=backend
+    )
+    for name in names:
+        torch.nn.init.normal_(model.get_submodule(name).sla.proj_l.weight, std=0.05)
+    inputs = wan_step_inputs(shape, device, dtype)
+    processors = [model.get_submodule(n).processor for n in names]
+
+    def step() -> tuple[torch.Tensor, list, list]:
+        out = run_wan(model, inputs)
+        return out, [p.last_sparsity for p in processors], [p.last_fallback for p in processors]
+
+    one, one_sparsity, one_fallbacks = step()
+    enable_ulysses(model, degree)
+    many, many_sparsity, many_fallbacks = step()
+    return {
+        "rel_l1": metrics.rel_l1(many, one),
+        "max_abs": float((many.double() - one.double()).abs().max()),
+        "sparsity": [one_sparsity, many_sparsity],
+        "fallbacks": [one_fallbacks, many_fallbacks],
+    }

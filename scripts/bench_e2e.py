@@ -2,6 +2,7 @@
 
 Usage:
     python scripts/bench_e2e.py [--model wan2.1-1.3b] [--compile] [--weights DIR] [--out-dir benchmarks/results]
+    python scripts/bench_e2e.py --model wan2.1-14b --nproc 1 2 4 [--dense]   # Ulysses sequence parallel scaling
     python scripts/bench_e2e.py --model tiny    # CPU smoke run (torch reference backend)
 
 A step is what a sampler with classifier-free guidance runs per timestep: the transformer on the conditional and on
@@ -9,7 +10,12 @@ the unconditional text, one after the other, with ``torch.cuda.synchronize()`` a
 ``--steps`` steps after ``--warmup``. Random weights (or a local diffusers transformer folder with ``--weights``)
 and random latents / text embeddings: text encoding and the VAE are out of scope. The attention share is an
 estimate: the attention op alone, timed at the step's shapes, times the calls per step, over the step time.
-Writes ``<out-dir>/<gpu>-e2e.{json,md}``.
+Writes ``<out-dir>/<gpu>-e2e-<model>.{json,md}``.
+
+``--nproc 1 2 4`` times SageSLA steps (and dense ones with ``--dense``) on 1, 2 and 4 GPUs under Ulysses sequence
+parallelism (``sagesla.parallel.enable_ulysses``): the script spawns one process per GPU itself (NCCL; no torchrun
+needed), every rank builds the same model from the same seed, and rank 0's step time is reported with the speed-up
+over the smallest N of the same run. Writes ``<out-dir>/<gpu>-e2e-<model>-ulysses.{json,md}``.
 """
 
 import argparse
@@ -25,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sagesla
 from sagesla.tables import markdown_table, run_header, write_report
-from sagesla.testing import WAN_SHAPES, build_wan, wan_step_inputs
+from sagesla.testing import WAN_SHAPES, build_wan, spawn_ranks, wan_step_inputs
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,8 @@ def run_config(model, config: Config, inputs, args, device, dtype, backend) -> t
     return ms, peak, attn
 
 
-def report(results: list[Result], header: dict, out_dir: str, gpu: str) -> str:
-    """Write ``<out_dir>/<gpu>-e2e.{json,md}`` (after every configuration, so a cut-off run keeps its rows)."""
+def report(results: list[Result], header: dict, out_dir: str, gpu: str, model: str) -> str:
+    """Write ``<out_dir>/<gpu>-e2e-<model>.{json,md}`` (after every configuration: a cut-off run keeps its rows)."""
     table = markdown_table(
         ["config", "step ms", "speed-up vs dense default", "attention share (est.)", "peak GiB"],
         [
@@ -143,8 +149,100 @@ def report(results: list[Result], header: dict, out_dir: str, gpu: str) -> str:
             for r in results
         ],
     )
-    stem = pathlib.Path(out_dir) / f"{gpu.replace(' ', '-')}-e2e"
-    write_report(stem, header, {"results": [asdict(r) for r in results]}, table)
+    write_report(_stem(out_dir, gpu, model), header, {"results": [asdict(r) for r in results]}, table)
+    return table
+
+
+def _stem(out_dir: str, gpu: str, model: str, suffix: str = "") -> pathlib.Path:
+    return pathlib.Path(out_dir) / f"{gpu.replace(' ', '-')}-e2e-{model}{suffix}"
+
+
+@dataclass(frozen=True)
+class ScalingResult:
+    config: str
+    gpus: int
+    step_ms: float
+    speedup: float  # over the smallest GPU count of the run, same config
+    efficiency: float  # speedup / (gpus / smallest count)
+    peak_gib: float | None  # the largest of the ranks' (None on CPU)
+
+
+def time_on_ranks(model_name: str, topks: list[float | None], steps: int, warmup: int) -> list[tuple]:
+    """On every rank of the group: (label, step ms, peak GiB over ranks or None) per topk (None: dense SDPA).
+
+    Rank r runs on GPU r in bf16 with the Triton kernels; without GPUs (a smoke run) on the CPU in fp32 with the
+    torch reference.
+    """
+    import torch.distributed as dist
+
+    from sagesla.parallel import enable_ulysses
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cuda = torch.cuda.is_available()
+    shape = WAN_SHAPES[model_name]
+    device, dtype, backend = (f"cuda:{rank}", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32, "torch")
+    torch.manual_seed(0)
+    model = build_wan(shape, device, dtype)
+    cond = wan_step_inputs(shape, device, dtype, seed=0)
+    uncond = (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
+    if world > 1:
+        enable_ulysses(model)
+    rows = []
+    for topk in topks:
+        sagesla.unpatch(model)
+        if topk is not None:
+            sagesla.patch(model, topk=topk, backend=backend)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        ms = time_steps(model, cond, uncond, steps, warmup, "cuda" if cuda else "cpu")
+        peak = None
+        if cuda:
+            peak_tensor = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
+            dist.all_reduce(peak_tensor, op=dist.ReduceOp.MAX)
+            peak = float(peak_tensor)
+        rows.append(("dense SDPA (default backend)" if topk is None else f"SageSLA topk {topk}", ms, peak))
+    return rows
+
+
+def run_scaling(args, gpu: str, backend: str) -> str:
+    """Time ``args.nproc`` GPU counts one after the other; returns the table (written after every count)."""
+    topks = [0.05] + ([None] if args.dense else [])
+    header = run_header(
+        gpu,
+        model=args.model,
+        tokens=WAN_SHAPES[args.model].tokens,
+        weights="random",
+        step="2 forwards (classifier-free guidance), batch 1",
+        parallelism=f"Ulysses sequence parallel (diffusers context parallelism), {backend}, one process per device",
+    )
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), flush=True)
+    counts, results, base = sorted(args.nproc), [], {}
+    for n in counts:
+        for label, ms, peak in spawn_ranks(
+            time_on_ranks, n, args.model, topks, args.steps, args.warmup, backend=backend
+        ):
+            base.setdefault(label, ms)
+            speedup = base[label] / ms
+            results.append(ScalingResult(label, n, ms, speedup, speedup * counts[0] / n, peak))
+            print(f"{label} on {n} GPU(s): {ms:.1f} ms", flush=True)
+        table = markdown_table(
+            ["config", "GPUs", "step ms", f"speed-up vs {counts[0]} GPU(s)", "efficiency", "peak GiB per GPU"],
+            [
+                [
+                    r.config,
+                    r.gpus,
+                    f"{r.step_ms:.1f}",
+                    f"{r.speedup:.2f}x",
+                    f"{r.efficiency:.0%}",
+                    "-" if r.peak_gib is None else f"{r.peak_gib:.1f}",
+                ]
+                for r in sorted(results, key=lambda r: (r.config, r.gpus))
+            ],
+        )
+        payload = {"results": [asdict(r) for r in results]}
+        write_report(_stem(args.out_dir, gpu, args.model, "-ulysses"), header, payload, table)
     return table
 
 
@@ -156,7 +254,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--nproc", type=int, nargs="+", help="GPU counts to time under Ulysses (e.g. 1 2 4)")
+    parser.add_argument("--dense", action="store_true", help="with --nproc: also time dense SDPA steps")
     args = parser.parse_args()
+    if args.nproc:
+        # Without GPUs (a smoke run of --model tiny): gloo processes on the CPU.
+        cuda = torch.cuda.is_available()
+        available = torch.cuda.device_count() if cuda else 2
+        if available < max(args.nproc) or min(args.nproc) < 1:
+            parser.error(f"--nproc {args.nproc}: each count must be in [1, {available}] (the GPUs present)")
+        gpu, backend = (torch.cuda.get_device_name(), "nccl") if cuda else ("CPU", "gloo")
+        print(run_scaling(args, gpu, backend))
+        return
     shape = WAN_SHAPES[args.model]
     cuda = torch.cuda.is_available() and args.model != "tiny"
     device, dtype, backend = ("cuda", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32, "torch")
@@ -186,7 +295,7 @@ def main() -> None:
         share = min(1.0, calls_per_step * attn / ms)
         results.append(Result(config.label, ms, baseline / ms, share, peak))
         print(f"{config.label}: {ms:.1f} ms", flush=True)
-        table = report(results, header, args.out_dir, gpu)
+        table = report(results, header, args.out_dir, gpu, args.model)
     print(table)
 
 

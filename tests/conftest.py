@@ -36,9 +36,12 @@ _hypothesis_profiles()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_multigpu = pytest.mark.skip(reason="needs 2 CUDA devices")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        elif "multigpu" in item.keywords and torch.cuda.device_count() < 2:
+            item.add_marker(skip_multigpu)
 
 
 @pytest.fixture(autouse=True)

@@ -159,16 +159,6 @@ def test_dense_fallback_for_head_dim_triton_cannot_serve(monkeypatch, caplog):
     assert caplog.records[0].getMessage().endswith("backend='triton' cannot serve it: head_dim 320 > 256")
 
 
-def test_context_parallel_calls_fall_back(tiny_wan):
-    sagesla.patch(tiny_wan, topk=0.5)
-    processor = tiny_wan.blocks[0].attn1.processor
-    q = k = v = torch.randn(1, 256, 2, 64)
-    assert processor._fallback_reason(tiny_wan.blocks[0].attn1.sla, q, k, v, None) is None
-    processor._parallel_config = object()
-    assert processor.original._parallel_config is processor._parallel_config
-    assert processor._fallback_reason(tiny_wan.blocks[0].attn1.sla, q, k, v, None).startswith("context parallelism")
-
-
 def test_dense_fallback_for_float64(tiny_wan):
     tiny_wan.double()
     inputs = tuple(x.double() if x.is_floating_point() else x for x in wan_inputs())

@@ -3,6 +3,7 @@
 import json
 import pathlib
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--model", "tiny", "--steps", "1", "--out-dir", str(tmp_path)])
     runpy.run_path(str(SCRIPTS / "bench_e2e.py"), run_name="__main__")
-    report = json.loads((tmp_path / "CPU-e2e.json").read_text())
+    report = json.loads((tmp_path / "CPU-e2e-tiny.json").read_text())
     labels = [r["config"] for r in report["results"]]
     assert labels == [
         "dense SDPA (default backend)",
@@ -25,6 +26,17 @@ def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
     assert all(r["step_ms"] > 0 and 0 < r["attention_share"] <= 1 for r in report["results"])
     assert report["results"][0]["speedup"] == 1.0 and report["tokens"] == 256
     assert "| SageSLA topk 0.05" in capsys.readouterr().out
+
+
+def test_bench_e2e_ulysses_scaling_on_cpu_ranks(tmp_path):
+    # Spawned workers import the script by path, so it runs as a process (gloo ranks on the CPU).
+    command = [sys.executable, str(SCRIPTS / "bench_e2e.py"), "--model", "tiny", "--nproc", "2", "1", "--dense"]
+    subprocess.run([*command, "--steps", "1", "--out-dir", str(tmp_path)], check=True, capture_output=True)
+    report = json.loads((tmp_path / "CPU-e2e-tiny-ulysses.json").read_text())
+    rows = [(r["config"], r["gpus"]) for r in report["results"]]
+    assert rows == [(c, n) for n in (1, 2) for c in ("SageSLA topk 0.05", "dense SDPA (default backend)")]
+    assert all(r["step_ms"] > 0 for r in report["results"])
+    assert [r["speedup"] for r in report["results"][:2]] == [1.0, 1.0] and "gloo" in report["parallelism"]
 
 
 def test_patch_wan_check_tiny(monkeypatch, capsys):

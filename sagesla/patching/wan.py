@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
 from sagesla import backends, validation
@@ -42,6 +42,15 @@ def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(x)
+
+
+def _ulysses_degree(parallel_config) -> int | None:
+    """Ranks a Ulysses all-to-all spreads each sequence over: 1 without context parallelism, None with ring attention
+    (which SLA cannot serve)."""
+    config = getattr(parallel_config, "context_parallel_config", None)
+    if config is None:
+        return 1
+    return config.ulysses_degree if config.ring_degree == 1 else None
 
 
 def _on_original(name: str) -> property:
@@ -121,7 +130,7 @@ class SLAWanAttnProcessor:
         if reason is None and self.observer is None:
             if self.bucket_topk is not None:
                 sla.topk = self._bucket_topk()
-            hidden_states, self.last_sparsity = sla(query, key, value, return_sparsity=True)
+            hidden_states, self.last_sparsity = self._run_sla(sla, query, key, value)
             self.last_fallback = None
         else:
             if reason is not None:
@@ -153,11 +162,12 @@ class SLAWanAttnProcessor:
         """Why SLA cannot serve this call, or None. query, key, value: (B, S, H, D)."""
         if attention_mask is not None:
             return "an attention mask was given (SLA attends without masks)"
-        if self._parallel_config is not None:
-            return "context parallelism is on (SLA needs the whole sequence on one device)"
+        ulysses = _ulysses_degree(self._parallel_config)
+        if ulysses is None:
+            return "ring attention is on (it splits the keys across ranks; SLA's block selection needs them all)"
         if query.dtype not in validation.INPUT_DTYPES:
             return f"dtype {query.dtype} (SLA serves float16, bfloat16 and float32)"
-        length = query.shape[1]
+        length = query.shape[1] * ulysses
         block_q, block_k = resolve_block_sizes(sla.quantized, query.device, sla.BLKQ, sla.BLKK)
         if length < max(block_q, block_k):
             return f"sequence length {length} is shorter than one {block_q}x{block_k} block"
@@ -173,6 +183,35 @@ class SLAWanAttnProcessor:
         if self.check_finite and not all(bool(torch.isfinite(x).all()) for x in (query, key, value)):
             return "query, key or value holds NaN/Inf"
         return None
+
+    def _run_sla(
+        self, sla: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """(SLA's output (B, S, H, D), fraction of block pairs skipped) for (B, S, H, D) inputs.
+
+        Under Ulysses context parallelism (``sagesla.parallel.enable_ulysses``) the input holds this rank's S / N
+        tokens of every head: diffusers' templated attention exchanges them all-to-all so that SLA sees all tokens of
+        H / N heads, in their global order (the very selection, quantisation and ``proj_l`` of one GPU), and
+        exchanges the output back.
+        """
+        if _ulysses_degree(self._parallel_config) == 1:
+            return sla(query, key, value, return_sparsity=True)
+        sparsity = []
+
+        def forward_op(ctx, q, k, v, *args, **kwargs):
+            out, skipped = sla(q, k, v, return_sparsity=True)
+            sparsity.append(skipped)
+            return out
+
+        def backward_op(ctx, grad_out):
+            raise NotImplementedError(
+                f"sagesla: {self.layer_name}: SLA under context parallelism serves inference only (no backward)"
+            )
+
+        out = _templated_context_parallel_attention(
+            query, key, value, forward_op=forward_op, backward_op=backward_op, _parallel_config=self._parallel_config
+        )
+        return out, sparsity[0]
 
     def _bucket_topk(self) -> float:
         """The topk of the running forward's timestep bucket; the largest one before a timestep is seen."""
