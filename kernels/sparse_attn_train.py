@@ -42,12 +42,11 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # (num_warps, num_stages) per kernel: "plain" for DP <= 128, "complement" for scope "complement" (more live tiles),
 # "wide" for DP > 128 (one stage keeps shared memory under 164 KB). scripts/bench_attention.py --sweep times others:
 # on an H100 at B1 H12 L32760 D128, topk 0.05 (benchmarks/results/H100-attention-quick.md), "plain" forward 4/3 took
-# 0.951 ms (4/2: 1.044) and the backward with dK/dV on 4/2 3.371 ms (8/2: 4.901); those become the defaults once
-# the GPU tests have run with them.
+# 0.951 ms (4/2: 1.044) and the backward with dK/dV on 4/2 3.371 ms (8/2: 4.901), hence the "plain" defaults.
 LAUNCH = {
-    "fwd": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
+    "fwd": {"plain": (4, 3), "complement": (8, 2), "wide": (8, 1)},
     "dq": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
-    "dkv": {"plain": (8, 2), "complement": (8, 2), "wide": (8, 1)},
+    "dkv": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
 }
 
 

@@ -1,7 +1,7 @@
 """End-to-end denoising-step latency of Wan-shaped transformers: dense SDPA against SageSLA, eager and compiled.
 
 Usage:
-    python scripts/bench_e2e.py [--model wan2.1-1.3b] [--compile] [--weights DIR] [--out-dir benchmarks/results]
+    python scripts/bench_e2e.py [--model wan2.1-1.3b] [--compile] [--weights DIR] [--profile FILE] [--out-dir DIR]
     python scripts/bench_e2e.py --model wan2.1-14b --nproc 1 2 4 [--dense]   # Ulysses sequence parallel scaling
     python scripts/bench_e2e.py --model tiny    # CPU smoke run (torch reference backend)
 
@@ -37,7 +37,8 @@ from sagesla.testing import WAN_SHAPES, build_wan, spawn_ranks, wan_step_inputs
 @dataclass(frozen=True)
 class Config:
     label: str
-    topk: float | None = None  # None: dense
+    topk: float | None = None  # None: dense (unless profile)
+    profile: str | None = None  # a calibration profile file: per-layer (and per-bucket) topk
     quantized: bool = True
     cudnn: bool = False
     compiled: bool = False
@@ -76,7 +77,7 @@ def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend
     """ms of one self-attention call at the model's shapes (B1, L tokens, H heads, D), as the processor makes it."""
     heads, head_dim = shape.config["num_attention_heads"], shape.config["attention_head_dim"]
     q, k, v = (torch.randn(1, shape.tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-    if config.topk is None:
+    if config.topk is None and config.profile is None:
 
         def call():
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -85,7 +86,7 @@ def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend
 
         def call():
             return sagesla.sparse_linear_attn(
-                q, k, v, topk=config.topk, quantized=config.quantized, tensor_layout="NHD", backend=backend
+                q, k, v, topk=_mean_topk(config), quantized=config.quantized, tensor_layout="NHD", backend=backend
             )
 
     with _dense_backend(config):
@@ -102,12 +103,22 @@ def _dense_backend(config: Config):
     return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if config.cudnn else contextlib.nullcontext()
 
 
-def configs(compile_: bool, cuda: bool) -> list[Config]:
+def _mean_topk(config: Config) -> float:
+    """The config's topk; for a profile, the mean over its layers and buckets (for the attention-share estimate)."""
+    if config.profile is None:
+        return config.topk
+    from sagesla.profile import load_profile
+
+    return float(load_profile(config.profile).topk.mean())
+
+
+def configs(compile_: bool, cuda: bool, profile: str | None) -> list[Config]:
     eager = [
         Config("dense SDPA (default backend)"),
         *([Config("dense SDPA (cuDNN)", cudnn=True)] if cuda else []),
         Config("SageSLA topk 0.05", topk=0.05),
         Config("SageSLA topk 0.1", topk=0.1),
+        *([Config(f"SageSLA profile {pathlib.Path(profile).name}", profile=profile)] if profile else []),
         Config("SLA unquantized topk 0.05", topk=0.05, quantized=False),
     ]
     # One compiled row (compiling the whole model takes minutes): eager vs compiled at the same settings.
@@ -117,8 +128,8 @@ def configs(compile_: bool, cuda: bool) -> list[Config]:
 def run_config(model, config: Config, inputs, args, device, dtype, backend) -> tuple[float, float | None, float]:
     """(step ms, peak GiB or None, ms of one attention call) of ``config``; leaves the model unpatched."""
     sagesla.unpatch(model)
-    if config.topk is not None:
-        sagesla.patch(model, topk=config.topk, quantized=config.quantized, backend=backend)
+    if config.topk is not None or config.profile is not None:
+        sagesla.patch(model, topk=config.topk, profile=config.profile, quantized=config.quantized, backend=backend)
     runner = model
     if config.compiled:
         torch._dynamo.reset()
@@ -254,6 +265,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
     parser.add_argument("--out-dir", default="benchmarks/results")
+    parser.add_argument("--profile", help="also time SageSLA at this calibration profile (sagesla calibrate)")
     parser.add_argument("--nproc", type=int, nargs="+", help="GPU counts to time under Ulysses (e.g. 1 2 4)")
     parser.add_argument("--dense", action="store_true", help="with --nproc: also time dense SDPA steps")
     args = parser.parse_args()
@@ -289,7 +301,7 @@ def main() -> None:
     calls_per_step = 2 * shape.config["num_layers"]
     results: list[Result] = []
     baseline = None
-    for config in configs(args.compile, cuda):
+    for config in configs(args.compile, cuda, args.profile):
         ms, peak, attn = run_config(model, config, (cond, uncond), args, device, dtype, backend)
         baseline = baseline or ms
         share = min(1.0, calls_per_step * attn / ms)

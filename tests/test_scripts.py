@@ -7,13 +7,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 
 def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_e2e.py", "--model", "tiny", "--steps", "1", "--out-dir", str(tmp_path)])
+    from sagesla.calibration import calibrate
+    from sagesla.testing import tiny_wan_transformer
+
+    inputs = [(torch.randn(1, 16, 4, 16, 16), torch.randn(1, 8, 32))]
+    calibrate(tiny_wan_transformer(), inputs, steps=2, budget=0.3, progress=False).save(tmp_path / "tiny.profile")
+    argv = ["bench_e2e.py", "--model", "tiny", "--steps", "1", "--profile", str(tmp_path / "tiny.profile")]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out-dir", str(tmp_path)])
     runpy.run_path(str(SCRIPTS / "bench_e2e.py"), run_name="__main__")
     report = json.loads((tmp_path / "CPU-e2e-tiny.json").read_text())
     labels = [r["config"] for r in report["results"]]
@@ -21,6 +28,7 @@ def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
         "dense SDPA (default backend)",
         "SageSLA topk 0.05",
         "SageSLA topk 0.1",
+        "SageSLA profile tiny.profile",
         "SLA unquantized topk 0.05",
     ]
     assert all(r["step_ms"] > 0 and 0 < r["attention_share"] <= 1 for r in report["results"])
