@@ -14,8 +14,9 @@ from sagesla import metrics
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
 
 
-def test_every_prompt_moves_its_shape_the_prompted_way():
-    video = render(list(PROMPTS), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_prompt_moves_its_shape_the_prompted_way(device):
+    video = render(list(PROMPTS), generator=torch.Generator(device).manual_seed(0), device=device).cpu()
     assert video.shape == (len(PROMPTS), 3, 16, 32, 32) and video.min() >= -1 and video.max() <= 1
     travel = centroid(video)[:, -1] - centroid(video)[:, 0]  # [N, 2] rows, columns
     for prompt, moved in zip(PROMPTS, travel, strict=True):
