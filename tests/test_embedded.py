@@ -1,5 +1,7 @@
-"""The embedded video model's data (procedural moving shapes) and its training script's smoke mode."""
+"""The embedded video model: its data (procedural moving shapes), training pieces, the training and fine-tuning
+scripts' smoke modes, and the video demo."""
 
+import copy
 import json
 import pathlib
 import runpy
@@ -10,8 +12,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import sagesla
 from sagesla import metrics
+from sagesla.embedded.model import TINY_VIDEO_CONFIG
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+TWO_BLOCKS = {**TINY_VIDEO_CONFIG, "num_layers": 2}
+
+
+def run_script(name: str, *argv: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [name, *argv])
+        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -48,17 +61,65 @@ def test_unknown_prompt_raises_naming_it():
         tokenize(["purple circle moves left"])
 
 
-def test_train_tiny_smoke(tmp_path, monkeypatch, capsys):
+def test_train_tiny_smoke(tmp_path, capsys):
     pytest.importorskip("diffusers")
+    from sagesla.embedded.model import load
+
     out = tmp_path / "tiny.safetensors"
-    monkeypatch.setattr(sys, "argv", ["train_tiny.py", "--smoke", "--out", str(out)])
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
-    runpy.run_path(str(script), run_name="__main__")
+    run_script("train_tiny.py", "--smoke", "--out", str(out))
     with safe_open(out, "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
     assert "prompts.words.weight" in keys and any(k.startswith("transformer.blocks.1.") for k in keys)
     assert json.loads(metadata["config"])["num_layers"] == 2 and float(metadata["final_loss"]) > 0
     assert "4 steps" in capsys.readouterr().out
+    model, _ = load(out, "cpu")
+    assert len(model.blocks) == 2 and not model.training
+
+
+def test_batches_are_reproducible_noised_videos():
+    from sagesla.embedded.model import PromptEmbedding
+    from sagesla.embedded.training import Batches
+
+    embedding = PromptEmbedding()
+    first, again = (Batches(3, 7, "cpu").draw(embedding) for _ in range(2))
+    assert torch.equal(first.latents, again.latents) and torch.equal(first.timesteps, again.timesteps)
+    assert first.latents.shape == (3, 12, 16, 16, 16) and first.text.shape == (3, 4, 64)
+    sigma = first.timesteps / 1000
+    assert bool(((sigma > 0) & (sigma < 1)).all())
+    # latents = x0 + sigma * (noise - x0): the clean video comes back, inside [-1, 1]
+    x0 = first.latents - sigma[:, None, None, None, None] * first.velocity
+    assert x0.abs().max() <= 1 + 1e-5 and x0.min() < BACKGROUND + 0.01
+    with pytest.raises(ValueError, match=r"`batch` must be a positive int, got 0"):
+        Batches(0, 7, "cpu")
+
+
+def test_fit_minimises_the_loss_and_checks_its_arguments():
+    from sagesla.embedded.training import fit
+
+    weight = torch.nn.Parameter(torch.tensor([3.0]))
+    run = fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": 0.1}], 60, "cpu")
+    assert run.losses[0] == 9.0 and run.final_loss < 4.0 and str(run).startswith("60 steps in ")
+    with pytest.raises(ValueError, match=r"`steps` must be a positive int, got 0"):
+        fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": 0.1}], 0, "cpu")
+    with pytest.raises(ValueError, match=r"`lr` must be a positive float, got -0.1"):
+        fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": -0.1}], 1, "cpu")
+
+
+def test_distillation_loss_is_zero_for_one_model_and_trains_proj_l_under_sparse_attention():
+    pytest.importorskip("diffusers")
+    from sagesla.embedded.model import build
+    from sagesla.embedded.training import Batches, distillation_loss
+
+    torch.manual_seed(0)
+    teacher, embedding = build(TWO_BLOCKS)
+    batch = Batches(2, 0, "cpu").draw(embedding)
+    assert distillation_loss(teacher, teacher, batch).item() == 0.0
+    student = copy.deepcopy(teacher)
+    sagesla.patch(student, topk=0.1, quantized=False)
+    loss = distillation_loss(student, teacher, batch)
+    loss.backward()
+    assert loss.item() > 0
+    assert float(student.blocks[0].attn1.sla.proj_l.weight.grad.abs().max()) > 0  # proj_l is zero, its gradient not
 
 
 def test_ssim_and_psnr_match_their_definitions():
