@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import sagesla
 from sagesla import metrics
+from sagesla.embedded import finetuned
 from sagesla.embedded.model import TINY_VIDEO_CONFIG
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
 
@@ -25,6 +26,15 @@ def run_script(name: str, *argv: str) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [name, *argv])
         runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+
+
+@pytest.fixture(scope="module")
+def finetune_smoke(tmp_path_factory) -> pathlib.Path:
+    """The proj_l file of a fine-tune smoke run (2 random blocks, 4 distillation steps)."""
+    pytest.importorskip("diffusers")
+    out = tmp_path_factory.mktemp("finetune") / "sla.safetensors"
+    run_script("finetune_tiny.py", "--smoke", "--out", str(out))
+    return out
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -120,6 +130,46 @@ def test_distillation_loss_is_zero_for_one_model_and_trains_proj_l_under_sparse_
     loss.backward()
     assert loss.item() > 0
     assert float(student.blocks[0].attn1.sla.proj_l.weight.grad.abs().max()) > 0  # proj_l is zero, its gradient not
+
+
+@pytest.mark.parametrize(
+    "objective, train", [("distill", "proj_l"), ("flow", "all")], ids=["distill-proj_l", "flow-all"]
+)
+def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, capsys, finetune_smoke, objective, train):
+    from sagesla.embedded.model import build, load
+
+    out = finetune_smoke
+    if (objective, train) != ("distill", "proj_l"):
+        out = tmp_path / "sla.safetensors"
+        run_script("finetune_tiny.py", "--smoke", "--objective", objective, "--train", train, "--out", str(out))
+        assert "4 steps in " in capsys.readouterr().out
+    record = finetuned.read(out)
+    assert (record.topk, record.block_q, record.block_k, record.steps) == (0.1, 64, 64, 4)
+    assert (record.objective, record.train) == (objective, train) and record.final_loss > 0
+    model = load(out, "cpu")[0] if train == "all" else build(TWO_BLOCKS)[0]
+    sagesla.patch(model, topk=record.topk)
+    assert len(sagesla.load_sla_weights(model, out).loaded) == 4
+    assert all(float(model.blocks[i].attn1.sla.proj_l.weight.detach().abs().max()) > 0 for i in range(2))
+
+
+def test_finetune_needs_its_own_out_for_smoke_and_train_all(capsys):
+    for flags in (["--smoke"], ["--train", "all"]):
+        with pytest.raises(SystemExit):
+            run_script("finetune_tiny.py", *flags)
+        assert "--out is required with --smoke and with --train all" in capsys.readouterr().err
+
+
+def test_finetune_record_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"`objective` must be one of \('distill', 'flow'\), got 'kl'"):
+        finetuned.Finetune(0.1, 64, 64, "kl", "proj_l", 10, 0.5)
+    with pytest.raises(ValueError, match=r"`topk` must be in \(0, 1\]"):
+        finetuned.Finetune(0.0, 64, 64, "distill", "proj_l", 10, 0.5)
+    plain = tmp_path / "plain.safetensors"
+    sagesla.save_sla_weights(sagesla.SparseLinearAttention(64, 0.1), plain)
+    with pytest.raises(ValueError, match=r"records no fine-tune .*not written by scripts/finetune_tiny.py"):
+        finetuned.read(plain)
+    with pytest.raises(FileNotFoundError, match=r"`sla_weights` must be a file written by scripts/finetune_tiny.py"):
+        finetuned.read(tmp_path / "nope.safetensors")
 
 
 def test_ssim_and_psnr_match_their_definitions():
