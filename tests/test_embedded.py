@@ -20,6 +20,9 @@ from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, f
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 TWO_BLOCKS = {**TINY_VIDEO_CONFIG, "num_layers": 2}
+# At topk 1.0 the SLA variants' videos match dense to 89-109 dB PSNR on the random 2-block model (seeds 0, 1; the
+# quantized ones ~90 dB, the unquantized ~108 dB); topk 0.1 (15 of 16 key blocks skipped) gives ~51 dB.
+SAME_AS_DENSE_PSNR_DB = 80
 
 
 def run_script(name: str, *argv: str) -> None:
@@ -184,29 +187,59 @@ def test_ssim_and_psnr_match_their_definitions():
     assert psnr == pytest.approx(10 * np.log10(4 / np.mean((y - x) ** 2)))
 
 
-def test_video_demo_writes_its_outputs(tmp_path):
+def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, finetune_smoke):
+    from PIL import Image
+
+    from sagesla.embedded.demo import format_results, format_variants, run_video_demo
+
+    prompts = ("red circle moves right", "blue square moves up")
+    demo = run_video_demo(
+        tmp_path, weights=None, sla_weights=finetune_smoke, prompts=prompts, steps=2, config=TWO_BLOCKS, progress=False
+    )
+    assert not demo.trained and demo.finetune == finetuned.read(finetune_smoke)
+    assert [r.prompt for r in demo.prompts] == list(prompts)
+    assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in demo.prompts)
+    names = ["dense", "SageSLA, calibrated", "sparse only", "SageSLA, not fine-tuned", "SageSLA, fine-tuned proj_l"]
+    assert [v.name for v in demo.variants] == names
+    assert [v.topk for v in demo.variants] == [1.0, None, 0.1, 0.1, 0.1]
+    dense, *sla = demo.variants
+    assert dense.psnr_db is None and dense.sparsity == 0 and dense.ms_per_step > 0
+    assert all(v.psnr_db > 0 and 0 < v.ssim <= 1 and v.ms_per_step > 0 for v in sla)
+    assert [v.sparsity for v in sla[1:]] == [15 / 16] * 3  # 1 of 16 key blocks of 64 tokens kept
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
+    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["objective"] == "distill"
+    gif = Image.open(tmp_path / "demo.gif")  # dense | SageSLA calibrated | SageSLA fine-tuned
+    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 3 + 2 * 2) * 4, 32 * 4)
+    assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
+    assert "| red circle moves right" in format_results(demo.prompts)
+    assert "| SageSLA, fine-tuned proj_l | 0.1 " in format_variants(demo.variants)
+
+
+def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
     pytest.importorskip("diffusers")
     from PIL import Image
 
-    from sagesla.embedded.demo import format_results, run_video_demo
-    from sagesla.embedded.model import TINY_VIDEO_CONFIG
+    from sagesla.embedded.demo import run_video_demo
 
-    config = {**TINY_VIDEO_CONFIG, "num_layers": 2}
-    prompts = ("red circle moves right", "blue square moves up")
-    results, trained = run_video_demo(tmp_path, prompts=prompts, steps=2, config=config, progress=False)
-    assert not trained and [r.prompt for r in results] == list(prompts)
-    assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in results)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
-    gif = Image.open(tmp_path / "demo.gif")
-    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 2 + 2) * 4, 32 * 4)
-    assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
-    assert "| red circle moves right" in format_results(results)
+    prompts = ("yellow circle moves left",)
+    demo = run_video_demo(
+        tmp_path, weights=None, sla_weights=None, prompts=prompts, steps=2, topk=1.0, config=TWO_BLOCKS, progress=False
+    )
+    assert demo.finetune is None and [v.name for v in demo.variants][2:] == ["sparse only", "SageSLA, not fine-tuned"]
+    for variant in demo.variants[1:]:
+        assert variant.sparsity == 0 and variant.psnr_db > SAME_AS_DENSE_PSNR_DB and variant.ssim > 0.9999, variant
+    assert Image.open(tmp_path / "demo.gif").size == ((32 * 2 + 2) * 4, 32 * 4)  # dense | SageSLA calibrated
 
 
-def test_load_rejects_a_missing_weights_file(tmp_path):
-    pytest.importorskip("diffusers")
-    from sagesla.embedded.demo import load
+def test_video_demo_rejects_files_that_do_not_fit_before_calibrating(tmp_path, finetune_smoke):
+    from sagesla.embedded.demo import run_video_demo
+    from sagesla.embedded.model import load
 
     with pytest.raises(FileNotFoundError, match="scripts/train_tiny.py"):
         load(tmp_path / "nope.safetensors", "cpu")
+    with pytest.raises(FileNotFoundError, match="scripts/finetune_tiny.py"):
+        run_video_demo(tmp_path, weights=None, sla_weights=tmp_path / "nope.safetensors", config=TWO_BLOCKS)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.2.attn1.sla.proj_l.weight'"):
+        run_video_demo(tmp_path, weights=None, sla_weights=finetune_smoke)  # 2 fine-tuned blocks, 8 in the model
+    assert list(tmp_path.iterdir()) == []  # nothing calibrated or written
