@@ -33,8 +33,8 @@ from sagesla.patching.checkpoints import sla_parameters
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=None, help=f"dense weights from train_tiny.py (default {WEIGHTS.name})")
-    parser.add_argument("--out", default=None, help=f"default {finetuned.SLA_WEIGHTS.name} beside the dense weights")
+    parser.add_argument("--weights", default=None, help=f"from train_tiny.py (default sagesla/embedded/{WEIGHTS.name})")
+    parser.add_argument("--out", default=None, help=f"default sagesla/embedded/{finetuned.SLA_WEIGHTS.name} (shipped)")
     parser.add_argument("--topk", type=float, default=finetuned.DEFAULT_TOPK, help="fraction of key blocks kept")
     parser.add_argument("--objective", choices=finetuned.OBJECTIVES, default="distill")
     parser.add_argument("--train", choices=finetuned.TRAINED, default="proj_l")
