@@ -305,6 +305,21 @@ def test_save_needs_sla_layers(tmp_path):
         sagesla.save_sla_weights(nn.Linear(2, 2), tmp_path / "x.safetensors")
 
 
+def test_save_adds_metadata_and_keeps_its_own_keys(tmp_path):
+    path = tmp_path / "sla.safetensors"
+    sagesla.save_sla_weights(_PatchedLike(), path, metadata={"topk": "0.1"})
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["topk"] == "0.1" and metadata.items() > checkpoints.METADATA.items()
+    assert sagesla.load_sla_weights(_PatchedLike(), path).loaded == KEYS
+    with pytest.raises(ValueError, match=r"`metadata` must not set \['format', 'sha256'\]"):
+        sagesla.save_sla_weights(_PatchedLike(), path, metadata={"sha256": "0", "format": "x", "topk": "1"})
+    with pytest.raises(TypeError, match=r"`metadata` must be a mapping of str to str, got \{'topk': 0.1\}"):
+        sagesla.save_sla_weights(_PatchedLike(), path, metadata={"topk": 0.1})
+    with safe_open(path, framework="pt") as handle:
+        assert handle.metadata() == metadata  # the refused calls left the file as it was
+
+
 def test_save_pretrained_round_trip_keeps_proj_l(tiny_wan, tmp_path):
     from diffusers import WanTransformer3DModel
 

@@ -1,5 +1,7 @@
-"""The embedded video model's data (procedural moving shapes) and its training script's smoke mode."""
+"""The embedded video model: its data (procedural moving shapes), training pieces, the training and fine-tuning
+scripts' smoke modes, and the video demo."""
 
+import copy
 import json
 import pathlib
 import runpy
@@ -10,12 +12,37 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import sagesla
 from sagesla import metrics
+from sagesla.embedded import finetuned
+from sagesla.embedded.model import TINY_VIDEO_CONFIG
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
 
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+TWO_BLOCKS = {**TINY_VIDEO_CONFIG, "num_layers": 2}
+# At topk 1.0 the SLA variants' videos match dense to 89-109 dB PSNR on the random 2-block model (seeds 0, 1; the
+# quantized ones ~90 dB, the unquantized ~108 dB); topk 0.1 (15 of 16 key blocks skipped) gives ~51 dB.
+SAME_AS_DENSE_PSNR_DB = 80
 
-def test_every_prompt_moves_its_shape_the_prompted_way():
-    video = render(list(PROMPTS), generator=torch.Generator().manual_seed(0))
+
+def run_script(name: str, *argv: str) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [name, *argv])
+        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+
+
+@pytest.fixture(scope="module")
+def finetune_smoke(tmp_path_factory) -> pathlib.Path:
+    """The proj_l file of a fine-tune smoke run (2 random blocks, 4 distillation steps)."""
+    pytest.importorskip("diffusers")
+    out = tmp_path_factory.mktemp("finetune") / "sla.safetensors"
+    run_script("finetune_tiny.py", "--smoke", "--out", str(out))
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_prompt_moves_its_shape_the_prompted_way(device):
+    video = render(list(PROMPTS), generator=torch.Generator(device).manual_seed(0), device=device).cpu()
     assert video.shape == (len(PROMPTS), 3, 16, 32, 32) and video.min() >= -1 and video.max() <= 1
     travel = centroid(video)[:, -1] - centroid(video)[:, 0]  # [N, 2] rows, columns
     for prompt, moved in zip(PROMPTS, travel, strict=True):
@@ -47,17 +74,105 @@ def test_unknown_prompt_raises_naming_it():
         tokenize(["purple circle moves left"])
 
 
-def test_train_tiny_smoke(tmp_path, monkeypatch, capsys):
+def test_train_tiny_smoke(tmp_path, capsys):
     pytest.importorskip("diffusers")
+    from sagesla.embedded.model import load
+
     out = tmp_path / "tiny.safetensors"
-    monkeypatch.setattr(sys, "argv", ["train_tiny.py", "--smoke", "--out", str(out)])
-    script = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
-    runpy.run_path(str(script), run_name="__main__")
+    run_script("train_tiny.py", "--smoke", "--out", str(out))
     with safe_open(out, "pt") as f:
         keys, metadata = list(f.keys()), f.metadata()
     assert "prompts.words.weight" in keys and any(k.startswith("transformer.blocks.1.") for k in keys)
     assert json.loads(metadata["config"])["num_layers"] == 2 and float(metadata["final_loss"]) > 0
     assert "4 steps" in capsys.readouterr().out
+    model, _ = load(out, "cpu")
+    assert len(model.blocks) == 2 and not model.training
+
+
+def test_batches_are_reproducible_noised_videos():
+    from sagesla.embedded.model import PromptEmbedding
+    from sagesla.embedded.training import Batches
+
+    embedding = PromptEmbedding()
+    first, again = (Batches(3, 7, "cpu").draw(embedding) for _ in range(2))
+    assert torch.equal(first.latents, again.latents) and torch.equal(first.timesteps, again.timesteps)
+    assert first.latents.shape == (3, 12, 16, 16, 16) and first.text.shape == (3, 4, 64)
+    sigma = first.timesteps / 1000
+    assert bool(((sigma > 0) & (sigma < 1)).all())
+    # latents = x0 + sigma * (noise - x0): the clean video comes back, inside [-1, 1]
+    x0 = first.latents - sigma[:, None, None, None, None] * first.velocity
+    assert x0.abs().max() <= 1 + 1e-5 and x0.min() < BACKGROUND + 0.01
+    with pytest.raises(ValueError, match=r"`batch` must be a positive int, got 0"):
+        Batches(0, 7, "cpu")
+
+
+def test_fit_minimises_the_loss_and_checks_its_arguments():
+    from sagesla.embedded.training import fit
+
+    weight = torch.nn.Parameter(torch.tensor([3.0]))
+    run = fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": 0.1}], 60, "cpu")
+    assert run.losses[0] == 9.0 and run.final_loss < 4.0 and str(run).startswith("60 steps in ")
+    with pytest.raises(ValueError, match=r"`steps` must be a positive int, got 0"):
+        fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": 0.1}], 0, "cpu")
+    with pytest.raises(ValueError, match=r"`lr` must be a positive float, got -0.1"):
+        fit(lambda: (weight**2).sum(), [{"params": [weight], "lr": -0.1}], 1, "cpu")
+
+
+def test_distillation_loss_is_zero_for_one_model_and_trains_proj_l_under_sparse_attention():
+    pytest.importorskip("diffusers")
+    from sagesla.embedded.model import build
+    from sagesla.embedded.training import Batches, distillation_loss
+
+    torch.manual_seed(0)
+    teacher, embedding = build(TWO_BLOCKS)
+    batch = Batches(2, 0, "cpu").draw(embedding)
+    assert distillation_loss(teacher, teacher, batch).item() == 0.0
+    student = copy.deepcopy(teacher)
+    sagesla.patch(student, topk=0.1, quantized=False)
+    loss = distillation_loss(student, teacher, batch)
+    loss.backward()
+    assert loss.item() > 0
+    assert float(student.blocks[0].attn1.sla.proj_l.weight.grad.abs().max()) > 0  # proj_l is zero, its gradient not
+
+
+@pytest.mark.parametrize(
+    "objective, train", [("distill", "proj_l"), ("flow", "all")], ids=["distill-proj_l", "flow-all"]
+)
+def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, capsys, finetune_smoke, objective, train):
+    from sagesla.embedded.model import build, load
+
+    out = finetune_smoke
+    if (objective, train) != ("distill", "proj_l"):
+        out = tmp_path / "sla.safetensors"
+        run_script("finetune_tiny.py", "--smoke", "--objective", objective, "--train", train, "--out", str(out))
+        assert "4 steps in " in capsys.readouterr().out
+    record = finetuned.read(out)
+    assert (record.topk, record.block_q, record.block_k, record.steps) == (0.1, 64, 64, 4)
+    assert (record.objective, record.train) == (objective, train) and record.final_loss > 0
+    model = load(out, "cpu")[0] if train == "all" else build(TWO_BLOCKS)[0]
+    sagesla.patch(model, topk=record.topk)
+    assert len(sagesla.load_sla_weights(model, out).loaded) == 4
+    assert all(float(model.blocks[i].attn1.sla.proj_l.weight.detach().abs().max()) > 0 for i in range(2))
+
+
+def test_finetune_needs_its_own_out_for_smoke_and_train_all(capsys):
+    for flags in (["--smoke"], ["--train", "all"]):
+        with pytest.raises(SystemExit):
+            run_script("finetune_tiny.py", *flags)
+        assert "--out is required with --smoke and with --train all" in capsys.readouterr().err
+
+
+def test_finetune_record_is_checked(tmp_path):
+    with pytest.raises(ValueError, match=r"`objective` must be one of \('distill', 'flow'\), got 'kl'"):
+        finetuned.Finetune(0.1, 64, 64, "kl", "proj_l", 10, 0.5)
+    with pytest.raises(ValueError, match=r"`topk` must be in \(0, 1\]"):
+        finetuned.Finetune(0.0, 64, 64, "distill", "proj_l", 10, 0.5)
+    plain = tmp_path / "plain.safetensors"
+    sagesla.save_sla_weights(sagesla.SparseLinearAttention(64, 0.1), plain)
+    with pytest.raises(ValueError, match=r"records no fine-tune .*not written by scripts/finetune_tiny.py"):
+        finetuned.read(plain)
+    with pytest.raises(FileNotFoundError, match=r"`sla_weights` must be a file written by scripts/finetune_tiny.py"):
+        finetuned.read(tmp_path / "nope.safetensors")
 
 
 def test_ssim_and_psnr_match_their_definitions():
@@ -72,29 +187,59 @@ def test_ssim_and_psnr_match_their_definitions():
     assert psnr == pytest.approx(10 * np.log10(4 / np.mean((y - x) ** 2)))
 
 
-def test_video_demo_writes_its_outputs(tmp_path):
+def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, finetune_smoke):
+    from PIL import Image
+
+    from sagesla.embedded.demo import format_results, format_variants, run_video_demo
+
+    prompts = ("red circle moves right", "blue square moves up")
+    demo = run_video_demo(
+        tmp_path, weights=None, sla_weights=finetune_smoke, prompts=prompts, steps=2, config=TWO_BLOCKS, progress=False
+    )
+    assert not demo.trained and demo.finetune == finetuned.read(finetune_smoke)
+    assert [r.prompt for r in demo.prompts] == list(prompts)
+    assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in demo.prompts)
+    names = ["dense", "SageSLA, calibrated", "sparse only", "SageSLA, not fine-tuned", "SageSLA, fine-tuned proj_l"]
+    assert [v.name for v in demo.variants] == names
+    assert [v.topk for v in demo.variants] == [1.0, None, 0.1, 0.1, 0.1]
+    dense, *sla = demo.variants
+    assert dense.psnr_db is None and dense.sparsity == 0 and dense.ms_per_step > 0
+    assert all(v.psnr_db > 0 and 0 < v.ssim <= 1 and v.ms_per_step > 0 for v in sla)
+    assert [v.sparsity for v in sla[1:]] == [15 / 16] * 3  # 1 of 16 key blocks of 64 tokens kept
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
+    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["objective"] == "distill"
+    gif = Image.open(tmp_path / "demo.gif")  # dense | SageSLA calibrated | SageSLA fine-tuned
+    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 3 + 2 * 2) * 4, 32 * 4)
+    assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
+    assert "| red circle moves right" in format_results(demo.prompts)
+    assert "| SageSLA, fine-tuned proj_l | 0.1 " in format_variants(demo.variants)
+
+
+def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
     pytest.importorskip("diffusers")
     from PIL import Image
 
-    from sagesla.embedded.demo import format_results, run_video_demo
-    from sagesla.embedded.model import TINY_VIDEO_CONFIG
+    from sagesla.embedded.demo import run_video_demo
 
-    config = {**TINY_VIDEO_CONFIG, "num_layers": 2}
-    prompts = ("red circle moves right", "blue square moves up")
-    results, trained = run_video_demo(tmp_path, prompts=prompts, steps=2, config=config, progress=False)
-    assert not trained and [r.prompt for r in results] == list(prompts)
-    assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in results)
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
-    gif = Image.open(tmp_path / "demo.gif")
-    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 2 + 2) * 4, 32 * 4)
-    assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
-    assert "| red circle moves right" in format_results(results)
+    prompts = ("yellow circle moves left",)
+    demo = run_video_demo(
+        tmp_path, weights=None, sla_weights=None, prompts=prompts, steps=2, topk=1.0, config=TWO_BLOCKS, progress=False
+    )
+    assert demo.finetune is None and [v.name for v in demo.variants][2:] == ["sparse only", "SageSLA, not fine-tuned"]
+    for variant in demo.variants[1:]:
+        assert variant.sparsity == 0 and variant.psnr_db > SAME_AS_DENSE_PSNR_DB and variant.ssim > 0.9999, variant
+    assert Image.open(tmp_path / "demo.gif").size == ((32 * 2 + 2) * 4, 32 * 4)  # dense | SageSLA calibrated
 
 
-def test_load_rejects_a_missing_weights_file(tmp_path):
-    pytest.importorskip("diffusers")
-    from sagesla.embedded.demo import load
+def test_video_demo_rejects_files_that_do_not_fit_before_calibrating(tmp_path, finetune_smoke):
+    from sagesla.embedded.demo import run_video_demo
+    from sagesla.embedded.model import load
 
     with pytest.raises(FileNotFoundError, match="scripts/train_tiny.py"):
         load(tmp_path / "nope.safetensors", "cpu")
+    with pytest.raises(FileNotFoundError, match="scripts/finetune_tiny.py"):
+        run_video_demo(tmp_path, weights=None, sla_weights=tmp_path / "nope.safetensors", config=TWO_BLOCKS)
+    with pytest.raises(ValueError, match=r"missing keys \['blocks.2.attn1.sla.proj_l.weight'"):
+        run_video_demo(tmp_path, weights=None, sla_weights=finetune_smoke)  # 2 fine-tuned blocks, 8 in the model
+    assert list(tmp_path.iterdir()) == []  # nothing calibrated or written

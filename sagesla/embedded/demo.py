@@ -1,27 +1,45 @@
-"""``sagesla demo --video``: the embedded model sampled dense and with SageSLA, calibrated, compared, pictured.
+"""``sagesla demo`` (the video demo): the embedded model sampled dense and with SLA variants, compared, pictured.
 
-Writes to an output folder: ``demo.gif`` (per prompt, dense | SageSLA side by side), ``profile.png`` (per-layer
-topk, sparsity and error from the calibration), ``profile.safetensors`` and ``report.json``; returns the table.
+Every variant samples the same noise with the same prompts as dense, so its videos differ only by the attention:
+- "SageSLA, calibrated": SageSLA with the per-layer topk a calibration within ``budget`` chose;
+- at one fixed topk (the fine-tune's, 0.1 without one) and the fine-tune's blocks (64 x 64):
+  "sparse only": unquantized SLA with ``proj_l`` zero, which skips the linear branch: plain block-sparse attention;
+  "SageSLA, not fine-tuned": quantized (INT8 Q/K, FP8 P/V), ``proj_l`` zero;
+  "SageSLA, fine-tuned proj_l": quantized, with the ``proj_l`` of ``scripts/finetune_tiny.py`` (given its file).
+
+Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated [| SageSLA fine-tuned]),
+``profile.png`` (per-layer topk, sparsity and error from the calibration), ``profile.safetensors`` and
+``report.json``. Videos are [3, F, S, S] in [-1, 1] (F = 16 frames of S x S = 32 x 32 pixels).
 """
 
+import copy
 import json
+import os
 import pathlib
 import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from sagesla import metrics
-from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, build
+from sagesla.embedded import finetuned
+from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.videos import from_latent
+from sagesla.functional import SLA_BLOCK_SIZES
 from sagesla.tables import markdown_table
 
 DEMO_PROMPTS = ("red circle moves right", "blue square moves up", "yellow circle moves left")
-WEIGHTS = pathlib.Path(__file__).with_name("tiny-video.safetensors")
+CALIBRATED = "SageSLA, calibrated"
+SPARSE = "sparse only"
+UNTUNED = "SageSLA, not fine-tuned"
+FINETUNED = "SageSLA, fine-tuned proj_l"
 
 
 @dataclass(frozen=True)
 class PromptResult:
+    """One prompt, dense against SageSLA at the calibrated profile."""
+
     prompt: str
     dense_ms_per_step: float
     sla_ms_per_step: float
@@ -30,24 +48,47 @@ class PromptResult:
     ssim: float
 
 
-def load(weights: str | pathlib.Path | None, device: str, config: dict = TINY_VIDEO_CONFIG):
-    """(transformer, prompt embedding, trained) from ``weights`` (default: the shipped file if present)."""
-    from safetensors.torch import load_file
+@dataclass(frozen=True)
+class VariantResult:
+    """One attention variant, means over the prompts; PSNR and SSIM against dense (None for dense itself).
 
-    model, prompts = build(config)
-    path = pathlib.Path(weights) if weights is not None else WEIGHTS
-    trained = path.is_file()
-    if trained:
-        state = load_file(path)
-        for prefix, module in (("transformer.", model), ("prompts.", prompts)):
-            module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    elif weights is not None:
-        raise FileNotFoundError(f"`weights` must be a file written by scripts/train_tiny.py, got {str(path)!r}")
-    return model.to(device).eval(), prompts.to(device).eval(), trained
+    ``topk`` is 1.0 for dense and None for the calibrated profile (a topk per layer).
+    """
+
+    name: str
+    topk: float | None
+    ms_per_step: float
+    sparsity: float
+    psnr_db: float | None
+    ssim: float | None
 
 
-def _sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    """(video [3, F, S, S] in [-1, 1], ms per step)."""
+@dataclass(frozen=True)
+class VideoDemo:
+    """What ``run_video_demo`` measured.
+
+    Attributes:
+        prompts: per prompt, dense against SageSLA at the calibrated profile.
+        variants: dense first, then each SLA variant in the order of the module docstring.
+        trained: whether trained dense weights were used (random ones otherwise).
+        finetune: the fine-tune whose ``proj_l`` the last variant used, or None (no such variant).
+    """
+
+    prompts: list[PromptResult]
+    variants: list[VariantResult]
+    trained: bool
+    finetune: finetuned.Finetune | None
+
+
+@dataclass(frozen=True)
+class _Sample:
+    video: torch.Tensor  # [3, F, S, S] in [-1, 1]
+    ms_per_step: float
+    sparsity: float  # mean over the SLA layers of the fraction of block pairs the last call skipped
+
+
+def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int) -> _Sample:
+    """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps."""
     from sagesla.calibration.sampling import denoise
 
     if noise.is_cuda:
@@ -56,42 +97,101 @@ def _sample(model, noise: torch.Tensor, text: torch.Tensor, steps: int) -> tuple
     latent = denoise(model, noise, text, steps)
     if noise.is_cuda:
         torch.cuda.synchronize()
-    return from_latent(latent)[0].clamp(-1, 1), (time.perf_counter() - start) * 1e3 / steps
+    ms = (time.perf_counter() - start) * 1e3 / steps
+    skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
+    return _Sample(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(len(skipped), 1))
 
 
-def _frames(dense: torch.Tensor, sla: torch.Tensor, scale: int = 4):
-    """Pillow frames of dense | SageSLA, [3, F, S, S] each, magnified ``scale`` times."""
+def _frames(videos: list[torch.Tensor], scale: int = 4):
+    """Pillow frames of ``videos`` ([3, F, S, S] each) side by side with white bars between, ``scale`` times."""
     from PIL import Image
 
-    pair = torch.cat((dense, torch.full_like(dense[..., :2], 1.0), sla), dim=-1)  # a white bar between them
-    pixels = ((pair.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    bar = torch.ones_like(videos[0][..., :2])
+    row = torch.cat([part for video in videos for part in (bar, video)][1:], dim=-1)
+    pixels = ((row.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in pixels]
 
 
+def _write_gif(path: pathlib.Path, columns: list[list[_Sample]]) -> None:
+    """One animated GIF: per prompt, its videos of every column side by side, prompt after prompt."""
+    frames = [frame for row in zip(*columns, strict=True) for frame in _frames([s.video for s in row])]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
+
+
+def _dense_model(
+    weights: str | os.PathLike | None, config: dict, seed: int, device: str
+) -> tuple[nn.Module, nn.Module]:
+    """(transformer, prompt embedding) in eval mode: from ``weights``, or random from ``config`` seeded by ``seed``."""
+    if weights is not None:
+        return load(weights, device)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model, embed = build(config)
+    return model.to(device).eval(), embed.to(device).eval()
+
+
+def _summary(name: str, topk: float | None, samples: list[_Sample], dense: list[_Sample] | None) -> VariantResult:
+    """Means over the prompts; PSNR and SSIM against ``dense`` (None when this is dense)."""
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    ms, sparsity = mean([s.ms_per_step for s in samples]), mean([s.sparsity for s in samples])
+    if dense is None:
+        return VariantResult(name, topk, ms, sparsity, None, None)
+    pairs = list(zip(samples, dense, strict=True))
+    psnr = mean([metrics.psnr(s.video, d.video) for s, d in pairs])
+    return VariantResult(name, topk, ms, sparsity, psnr, mean([metrics.ssim(s.video, d.video) for s, d in pairs]))
+
+
 def run_video_demo(
-    out_dir: str | pathlib.Path,
+    out_dir: str | os.PathLike,
     *,
-    weights: str | pathlib.Path | None = None,
+    weights: str | os.PathLike | None = WEIGHTS,
+    sla_weights: str | os.PathLike | None = finetuned.SLA_WEIGHTS,
     prompts: tuple[str, ...] = DEMO_PROMPTS,
     steps: int = 10,
     budget: float = 0.05,
+    topk: float | None = None,
     seed: int = 0,
     device: str | None = None,
     config: dict = TINY_VIDEO_CONFIG,
     progress: bool = True,
-) -> tuple[list[PromptResult], bool]:
-    """Calibrate, patch and sample; returns (per-prompt results, whether trained weights were used).
+) -> VideoDemo:
+    """Calibrate, then sample dense and every variant; writes the outputs to ``out_dir``.
 
-    Calibration runs on the same prompts with other noise seeds; the compared samples use ``seed`` for both dense
-    and SageSLA, so the videos differ only by the attention.
+    Calibration runs on the same prompts with other noise seeds; the compared samples all use ``seed``.
+
+    Args:
+        out_dir: output folder (created).
+        weights: dense weights (``scripts/train_tiny.py``); None: random weights built from ``config``, seeded.
+        sla_weights: fine-tuned SLA weights (``scripts/finetune_tiny.py``); None: no fine-tuned variant.
+        prompts: one video per prompt.
+        steps: denoising steps; budget: calibration budget (worst rel-L1 per layer).
+        topk: the fixed topk of the last variants; None: the fine-tune's, ``DEFAULT_TOPK`` without one.
+        device: default CUDA when available.
+        progress: show the calibration's progress bar.
+    Raises:
+        FileNotFoundError: ``weights`` or ``sla_weights`` names no file.
+        ValueError: ``sla_weights`` records no fine-tune, or its ``proj_l`` do not fit the model.
     """
     import sagesla
     from sagesla.calibration import calibrate, plot_profile
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    finetune = None if sla_weights is None else finetuned.read(sla_weights)
+    if topk is None:
+        topk = finetune.topk if finetune is not None else finetuned.DEFAULT_TOPK
+    blocks = (finetune.block_q, finetune.block_k) if finetune is not None else SLA_BLOCK_SIZES
+    fixed = {"topk": topk, "block_q": blocks[0], "block_k": blocks[1]}
+    model, embed = _dense_model(weights, config, seed, device)
+    if finetune is not None:
+        # Patched and loaded first: a file that does not fit the model fails before the calibration.
+        tuned = load(sla_weights, device)[0] if finetune.train == "all" else copy.deepcopy(model)
+        sagesla.patch(tuned, **fixed)
+        sagesla.load_sla_weights(tuned, sla_weights)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, embed, trained = load(weights, device, config)
     with torch.no_grad():
         texts = [embed([p]) for p in prompts]
 
@@ -104,26 +204,50 @@ def run_video_demo(
     profile.save(out / "profile.safetensors")
     plot_profile(profile, str(out / "profile.png"))
 
-    dense = [_sample(model, noise(i, 0), t, steps) for i, t in enumerate(texts)]
-    sagesla.patch(model, profile=profile)
-    sla, sparsity = [], []
-    for i, text in enumerate(texts):
-        sla.append(_sample(model, noise(i, 0), text, steps))
-        skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
-        sparsity.append(sum(skipped) / max(len(skipped), 1))
-    sagesla.unpatch(model)
+    def run(variant: nn.Module) -> list[_Sample]:
+        return [_sample(variant, noise(i, 0), text, steps) for i, text in enumerate(texts)]
 
-    results, frames = [], []
-    for prompt, (d, d_ms), (s, s_ms), sp in zip(prompts, dense, sla, sparsity, strict=True):
-        results.append(PromptResult(prompt, d_ms, s_ms, sp, metrics.psnr(s, d), metrics.ssim(s, d)))
-        frames += _frames(d, s)
-    frames[0].save(out / "demo.gif", save_all=True, append_images=frames[1:], duration=120, loop=0)
-    report = {"trained_weights": trained, "steps": steps, "budget": budget, "results": [asdict(r) for r in results]}
+    dense = run(model)
+    runs = {"dense": (1.0, dense)}
+    for name, topk_shown, options in (
+        (CALIBRATED, None, {"profile": profile}),
+        (SPARSE, topk, {**fixed, "quantized": False}),
+        (UNTUNED, topk, fixed),
+    ):
+        sagesla.patch(model, **options)
+        runs[name] = (topk_shown, run(model))
+        sagesla.unpatch(model)
+    if finetune is not None:
+        runs[FINETUNED] = (topk, run(tuned))
+
+    variants = [_summary(name, k, samples, None if name == "dense" else dense) for name, (k, samples) in runs.items()]
+    calibrated = runs[CALIBRATED][1]
+    results = [
+        PromptResult(
+            prompt,
+            d.ms_per_step,
+            s.ms_per_step,
+            s.sparsity,
+            metrics.psnr(s.video, d.video),
+            metrics.ssim(s.video, d.video),
+        )
+        for prompt, d, s in zip(prompts, dense, calibrated, strict=True)
+    ]
+    _write_gif(out / "demo.gif", [dense, calibrated] + ([runs[FINETUNED][1]] if finetune is not None else []))
+    report = {
+        "trained_weights": weights is not None,
+        "steps": steps,
+        "budget": budget,
+        "finetune": None if finetune is None else asdict(finetune),
+        "results": [asdict(r) for r in results],
+        "variants": [asdict(v) for v in variants],
+    }
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return results, trained
+    return VideoDemo(results, variants, weights is not None, finetune)
 
 
 def format_results(results: list[PromptResult]) -> str:
+    """The per-prompt table: dense against SageSLA at the calibrated profile."""
     return markdown_table(
         ["prompt", "dense ms/step", "SageSLA ms/step", "sparsity", "PSNR dB", "SSIM"],
         [
@@ -136,5 +260,23 @@ def format_results(results: list[PromptResult]) -> str:
                 f"{r.ssim:.4f}",
             ]
             for r in results
+        ],
+    )
+
+
+def format_variants(variants: list[VariantResult]) -> str:
+    """The summary table: one row per variant, means over the prompts."""
+    return markdown_table(
+        ["variant", "topk", "ms/step", "sparsity", "PSNR dB", "SSIM"],
+        [
+            [
+                v.name,
+                "per layer" if v.topk is None else f"{v.topk:g}",
+                f"{v.ms_per_step:.1f}",
+                f"{v.sparsity:.1%}",
+                "-" if v.psnr_db is None else f"{v.psnr_db:.2f}",
+                "-" if v.ssim is None else f"{v.ssim:.4f}",
+            ]
+            for v in variants
         ],
     )

@@ -1,5 +1,13 @@
 """The embedded video model: a small diffusers ``WanTransformer3DModel`` plus a learned word embedding as its text
-encoder, for the procedural videos of ``sagesla.embedded.videos`` (16 frames of 32 x 32 pixels: 1024 tokens)."""
+encoder, for the procedural videos of ``sagesla.embedded.videos`` (16 frames of 32 x 32 pixels: 1024 tokens).
+
+Its weights file (``scripts/train_tiny.py`` writes it): safetensors with the transformer under ``transformer.``
+(bf16), the prompt embedding under ``prompts.`` and the config as JSON under the metadata key ``config``.
+"""
+
+import json
+import os
+import pathlib
 
 import torch
 from torch import nn
@@ -22,6 +30,7 @@ TINY_VIDEO_CONFIG = {
     "rope_max_seq_len": 64,
 }
 LATENT_SHAPE = (12, 16, 16, 16)  # channels, frames, height, width
+WEIGHTS = pathlib.Path(__file__).with_name("tiny-video.safetensors")
 
 
 class PromptEmbedding(nn.Module):
@@ -40,3 +49,53 @@ def build(config: dict = TINY_VIDEO_CONFIG) -> tuple[nn.Module, PromptEmbedding]
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel(**config), PromptEmbedding(config["text_dim"])
+
+
+def config_of(model: nn.Module) -> dict:
+    """The ``TINY_VIDEO_CONFIG`` entries ``model`` was built with (what a weights file records as ``config``)."""
+    return {key: model.config[key] for key in TINY_VIDEO_CONFIG}
+
+
+def load(path: str | os.PathLike, device: str | torch.device) -> tuple[nn.Module, PromptEmbedding]:
+    """(transformer, prompt embedding) in eval mode on ``device``, built from the config a weights file records.
+
+    Other keys of the file (e.g. a fine-tune's ``blocks.{i}.attn1.sla.proj_l.*``) are left to their own loaders.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file records no config.
+    """
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`weights` must be a file written by scripts/train_tiny.py, got {str(path)!r}")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if "config" not in metadata:
+            raise ValueError(f"`weights` {str(path)!r} records no model config: it was not written by train_tiny.py")
+        config = json.loads(metadata["config"])
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    config["patch_size"] = tuple(config["patch_size"])
+    model, prompts = build(config)
+    for prefix, module in (("transformer.", model), ("prompts.", prompts)):
+        module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+    return model.to(device).eval(), prompts.to(device).eval()
+
+
+def weights_tensors(model: nn.Module, prompts: PromptEmbedding) -> dict[str, torch.Tensor]:
+    """What ``load`` reads back: the transformer's state (bf16; any SLA ``proj_l`` left out) and the embedding's.
+
+    A patched model's ``blocks.{i}.attn1.sla.proj_l.*`` belong to SLA weights files, not to this one.
+    """
+    from sagesla.patching.checkpoints import sla_parameters
+
+    sla = sla_parameters(model)
+    tensors = {
+        f"transformer.{key}": value.detach().to("cpu", torch.bfloat16).contiguous()
+        for key, value in model.state_dict().items()
+        if key not in sla
+    }
+    return tensors | {
+        f"prompts.{key}": value.detach().cpu().contiguous() for key, value in prompts.state_dict().items()
+    }

@@ -28,29 +28,34 @@ def tokenize(prompts: list[str]) -> torch.Tensor:
 
 
 def render(
-    prompts: list[str], frames: int = 16, size: int = 32, generator: torch.Generator | None = None
+    prompts: list[str],
+    frames: int = 16,
+    size: int = 32,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Videos of ``prompts`` [N, 3, frames, size, size] in [-1, 1]: random start, radius and speed per video.
+    """Videos of ``prompts`` [N, 3, frames, size, size] fp32 in [-1, 1] on ``device``: random start, radius and speed
+    per video, drawn from ``generator`` (on ``device``, or torch's default generator when None).
 
     The shape starts on the side it moves away from and crosses about half the frame over the clip.
     """
     n = len(prompts)
     tokenize(prompts)  # validates
-    rand = torch.rand(n, 4, generator=generator)
+    rand = torch.rand(n, 4, generator=generator, device=device)
     radius = size * (0.12 + 0.06 * rand[:, 0])
     speed = size * (0.35 + 0.25 * rand[:, 1]) / max(frames - 1, 1)
-    direction = torch.tensor([DIRECTIONS[p.split()[3]] for p in prompts])
+    direction = torch.tensor([DIRECTIONS[p.split()[3]] for p in prompts], device=device)
     across = size * (0.3 + 0.4 * rand[:, 2])  # position on the axis the shape does not move along
     start = size / 2 - direction * (size * 0.25) + (1 - direction.abs()) * (across[:, None] - size / 2)
-    t = torch.arange(frames, dtype=torch.float32)
+    t = torch.arange(frames, dtype=torch.float32, device=device)
     centre = start[:, None, :] + direction[:, None, :] * speed[:, None, None] * t[None, :, None]  # [N, F, 2]
-    grid = torch.arange(size, dtype=torch.float32) + 0.5
+    grid = torch.arange(size, dtype=torch.float32, device=device) + 0.5
     dy = grid[None, None, :, None] - centre[..., 0, None, None]
     dx = grid[None, None, None, :] - centre[..., 1, None, None]
-    square = torch.tensor([p.split()[1] == "square" for p in prompts])[:, None, None, None]
+    square = torch.tensor([p.split()[1] == "square" for p in prompts], device=device)[:, None, None, None]
     distance = torch.where(square, torch.maximum(dy.abs(), dx.abs()), torch.sqrt(dy**2 + dx**2))
     inside = (radius[:, None, None, None] - distance + 0.5).clamp(0, 1)  # one pixel of anti-aliasing: [N, F, S, S]
-    colour = torch.tensor([COLOURS[p.split()[0]] for p in prompts])[:, :, None, None, None]
+    colour = torch.tensor([COLOURS[p.split()[0]] for p in prompts], device=device)[:, :, None, None, None]
     return BACKGROUND + inside[:, None] * (colour - BACKGROUND)
 
 

@@ -223,17 +223,32 @@ def load_sla_weights(
     return LoadReport(source=source, loaded=loaded, missing=missing, unexpected=unexpected, ignored=ignored)
 
 
-def save_sla_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
+def save_sla_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> list[str]:
     """Write every SLA layer's ``proj_l`` of ``model`` to a safetensors file, atomically; returns the keys.
 
     The keys are the model's state-dict names (``blocks.{i}.attn1.sla.proj_l.weight`` ...), the metadata
-    ``METADATA`` and the tensors' SHA-256 (checked on load), written by ``save_file_atomic``.
+    ``METADATA``, the tensors' SHA-256 (checked on load) and ``metadata``, written by ``save_file_atomic``.
+
+    Args:
+        model: a model patched by ``sagesla.patch``.
+        path: the file to write (replaced if it exists).
+        metadata: more {str: str} entries for the file's header, e.g. training settings; not the keys
+            ``METADATA`` and ``CHECKSUM_KEY`` name.
+    Raises:
+        ValueError: ``model`` holds no SLA layer, or ``metadata`` names a key this function writes.
+        TypeError: ``metadata`` is not a mapping of str to str.
     """
+    extra = {} if metadata is None else metadata
+    if not isinstance(extra, Mapping) or not all(isinstance(x, str) for item in extra.items() for x in item):
+        raise TypeError(f"`metadata` must be a mapping of str to str, got {metadata!r:.80}")
+    reserved = sorted(extra.keys() & {*METADATA, CHECKSUM_KEY})
+    if reserved:
+        raise ValueError(f"`metadata` must not set {reserved}: save_sla_weights writes them, got {dict(extra)!r:.80}")
     parameters = sla_parameters(model)
     if not parameters:
         raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
     tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
-    save_file_atomic(tensors, path, METADATA | {CHECKSUM_KEY: _checksum(tensors)})
+    save_file_atomic(tensors, path, dict(extra) | METADATA | {CHECKSUM_KEY: _checksum(tensors)})
     return list(tensors)
 
 

@@ -1,0 +1,92 @@
+"""The embedded model's fine-tuned SLA weights (``scripts/finetune_tiny.py`` writes them): where, what, how.
+
+The file holds every SLA layer's ``proj_l`` under the model's own keys (``blocks.{i}.attn1.sla.proj_l.weight``
+[D, D] and ``.bias`` [D], fp32), which ``sagesla.load_sla_weights`` reads after ``sagesla.patch``, and its
+``Finetune`` settings plus the model config in the metadata. After ``--train all`` it also holds the whole
+fine-tuned model, as ``sagesla.embedded.model.load`` reads it (18 MB in bf16, so it is not shipped).
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+from dataclasses import dataclass
+
+from safetensors import safe_open
+from torch import nn
+
+from sagesla import validation
+from sagesla.embedded.model import config_of, weights_tensors
+from sagesla.patching.checkpoints import save_file_atomic, save_sla_weights, sla_parameters
+
+SLA_WEIGHTS = pathlib.Path(__file__).with_name("tiny-video-sla.safetensors")
+DEFAULT_TOPK = 0.1
+OBJECTIVES = ("distill", "flow")
+TRAINED = ("proj_l", "all")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """How a fine-tune ran.
+
+    Attributes:
+        topk: fraction of key blocks the trainable SLA kept, in (0, 1].
+        block_q, block_k: its query / key block rows.
+        objective: "distill" (towards the dense model's velocity) or "flow" (flow matching).
+        train: "proj_l" (only the linear branches' projections) or "all" (the transformer too).
+        steps: optimizer steps.
+        final_loss: mean loss of the last steps.
+    """
+
+    topk: float
+    block_q: int
+    block_k: int
+    objective: str
+    train: str
+    steps: int
+    final_loss: float
+
+    def __post_init__(self):
+        validation.check_topk(self.topk)
+        validation.check_block_sizes(block_q=self.block_q, block_k=self.block_k)
+        validation.check_choice("objective", self.objective, OBJECTIVES)
+        validation.check_choice("train", self.train, TRAINED)
+
+    def metadata(self) -> dict[str, str]:
+        """The fields as safetensors metadata entries, one each."""
+        return {field.name: str(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+def save(path: str | os.PathLike, model: nn.Module, prompts: nn.Module, finetune: Finetune) -> None:
+    """Write the fine-tune of ``model`` (patched with trainable SLA) to ``path``, atomically.
+
+    ``finetune.train == "all"`` adds the transformer and the prompt embedding (``model.weights_tensors``).
+    """
+    metadata = finetune.metadata() | {"config": json.dumps(config_of(model))}
+    if finetune.train == "proj_l":
+        save_sla_weights(model, path, metadata)
+        return
+    tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in sla_parameters(model).items()}
+    save_file_atomic(tensors | weights_tensors(model, prompts), path, metadata)
+
+
+def read(path: str | os.PathLike) -> Finetune:
+    """The ``Finetune`` a file records.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file records no fine-tune (it was not written by ``scripts/finetune_tiny.py``).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`sla_weights` must be a file written by scripts/finetune_tiny.py, got {str(path)!r}")
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    fields = dataclasses.fields(Finetune)
+    missing = [field.name for field in fields if field.name not in metadata]
+    if missing:
+        raise ValueError(
+            f"`sla_weights` {str(path)!r} records no fine-tune (metadata lacks {missing}): "
+            "it was not written by scripts/finetune_tiny.py"
+        )
+    return Finetune(**{field.name: field.type(metadata[field.name]) for field in fields})
