@@ -3,8 +3,9 @@
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
 # SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_MULTI=1 skip a part; LIMIT=seconds
-# caps each part. The multi-GPU part (2+ GPUs: the multigpu tests, then Ulysses scaling of the 1.3B and 14B shapes)
-# runs last. Wheels in .whl/ are installed once per machine (into /tmp/site; export PYTHONPATH=/tmp/site to reuse).
+# caps each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests,
+# then Ulysses scaling of the 1.3B and 14B shapes) runs last. Wheels in .whl/ are installed once per machine
+# (into /tmp/site; export PYTHONPATH=/tmp/site to reuse).
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -37,7 +38,7 @@ if [ "${SKIP_CALIB:-0}" != 1 ]; then
 fi
 if [ "${SKIP_E2E:-0}" != 1 ]; then
     PROFILE=$OUT/wan13b-random.profile.safetensors
-    timeout "${LIMIT:-900}" python3 scripts/bench_e2e.py --compile --out-dir "$OUT" \
+    timeout "${LIMIT:-900}" python3 scripts/bench_e2e.py ${E2E_ARGS---compile} --out-dir "$OUT" \
         $([ -e "$PROFILE" ] && echo --profile "$PROFILE") 2>&1 | tee "$OUT/e2e.log" | tail -15
 fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
