@@ -34,7 +34,7 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
     sla_weights = _shipped(
         args.sla_weights,
         finetuned.SLA_WEIGHTS,
-        "no fine-tuned proj_l (scripts/finetune_tiny.py writes it): no fine-tuned variant",
+        "no fine-tune file (scripts/finetune_tiny.py writes it): no fine-tuned variant",
     )
     print(f"SageSLA video demo: the embedded model, {args.steps} denoising steps per prompt, device {device}")
     demo = run_video_demo(

@@ -46,7 +46,10 @@ def run_header(device_name: str, **extra: object) -> dict[str, object]:
 
 
 def write_report(stem: pathlib.Path, header: dict, payload: dict, markdown: str) -> None:
-    """``stem.json`` (header + payload) and ``stem.md`` (header as a list, then ``markdown``)."""
+    """``stem.json`` (header + payload) and ``stem.md`` (header as a list, then ``markdown``); dots in the stem's
+    name (``...-wan2.1-1.3b``) stay."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({**header, **payload}, indent=1))
-    stem.with_suffix(".md").write_text("\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + markdown + "\n")
+    stem.with_name(stem.name + ".json").write_text(json.dumps({**header, **payload}, indent=1))
+    stem.with_name(stem.name + ".md").write_text(
+        "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + markdown + "\n"
+    )

@@ -74,42 +74,42 @@ def time_steps(model, cond, uncond, steps: int, warmup: int, device: str) -> flo
 
 
 def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend: str) -> float:
-    """ms of one self-attention call at the model's shapes (B1, L tokens, H heads, D), as the processor makes it."""
+    """ms of one self-attention call at the model's shapes (B1, L tokens, H heads, D), as the processor makes it;
+    for a profile, the mean over its layers' (and buckets') topk."""
     heads, head_dim = shape.config["num_attention_heads"], shape.config["attention_head_dim"]
     q, k, v = (torch.randn(1, shape.tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
     if config.topk is None and config.profile is None:
-
-        def call():
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-
+        calls = [lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))]
     else:
-
-        def call():
-            return sagesla.sparse_linear_attn(
-                q, k, v, topk=_mean_topk(config), quantized=config.quantized, tensor_layout="NHD", backend=backend
+        calls = [
+            lambda topk=topk: sagesla.sparse_linear_attn(
+                q, k, v, topk=topk, quantized=config.quantized, tensor_layout="NHD", backend=backend
             )
-
+            for topk in _topks(config)
+        ]
     with _dense_backend(config):
-        call()
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(5):
+        for call in calls:
             call()
         _sync(device)
-    return (time.perf_counter() - start) / 5 * 1e3
+        start = time.perf_counter()
+        for call in calls:
+            for _ in range(5):
+                call()
+        _sync(device)
+    return (time.perf_counter() - start) / (5 * len(calls)) * 1e3
 
 
 def _dense_backend(config: Config):
     return sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if config.cudnn else contextlib.nullcontext()
 
 
-def _mean_topk(config: Config) -> float:
-    """The config's topk; for a profile, the mean over its layers and buckets (for the attention-share estimate)."""
+def _topks(config: Config) -> list[float]:
+    """The config's topk; for a profile, one per layer and timestep bucket."""
     if config.profile is None:
-        return config.topk
+        return [config.topk]
     from sagesla.profile import load_profile
 
-    return float(load_profile(config.profile).topk.mean())
+    return load_profile(config.profile).topk.flatten().tolist()
 
 
 def configs(compile_: bool, cuda: bool, profile: str | None) -> list[Config]:

@@ -9,9 +9,11 @@ The dense model (``--weights``) is patched with trainable SLA at ``--topk`` (``s
 64 x 64 blocks). Its ``proj_l`` starts at zero, so the student starts as plain block-sparse attention, and learns to
 make up for the skipped blocks. Objective "distill" (default): the student's velocity regresses the frozen dense
 model's on the same noisy inputs, which is what keeps the sampled videos close to the dense ones; "flow": the
-flow-matching loss ``train_tiny.py`` trains with. ``--train proj_l`` (default) trains only the proj_l of every
-layer (8 x 4160 parameters); ``--train all`` the transformer too, at ``--transformer-lr``, and the file then holds
-the whole model (18 MB: with the dense weights beyond the 25 MB shipped, so it needs an ``--out`` of its own).
+flow-matching loss ``train_tiny.py`` trains with. ``--train proj_l`` trains only the proj_l of every layer
+(8 x 4160 parameters); ``--train attention`` (default) the self-attention layers' projections and QK-norms too
+(2.1 M parameters, at ``--transformer-lr``; the file holds them, 4 MB), so queries and keys can learn to put the
+attention that matters into the kept blocks; ``--train all`` the whole transformer, and the file then holds the
+whole model (18 MB: with the dense weights beyond the 25 MB shipped, so it needs an ``--out`` of its own).
 
 Writes ``--out`` atomically: ``sagesla.load_sla_weights`` loads it after ``sagesla.patch``, ``sagesla demo`` compares
 it; the metadata records topk, blocks, objective, what was trained, steps and the final loss.
@@ -37,11 +39,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help=f"default sagesla/embedded/{finetuned.SLA_WEIGHTS.name} (shipped)")
     parser.add_argument("--topk", type=float, default=finetuned.DEFAULT_TOPK, help="fraction of key blocks kept")
     parser.add_argument("--objective", choices=finetuned.OBJECTIVES, default="distill")
-    parser.add_argument("--train", choices=finetuned.TRAINED, default="proj_l")
+    parser.add_argument("--train", choices=finetuned.TRAINED, default="attention")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of proj_l")
-    parser.add_argument("--transformer-lr", type=float, default=1e-4, help="with --train all: the transformer's")
+    parser.add_argument(
+        "--transformer-lr", type=float, default=1e-4, help="with --train attention / all: the transformer's"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--smoke", action="store_true", help="4 steps of batch 2 on CPU; 2 random blocks unless --weights"
@@ -56,17 +60,21 @@ def parse_args() -> argparse.Namespace:
 
 
 def trainable_groups(model: torch.nn.Module, train: str, lr: float, transformer_lr: float) -> list[dict]:
-    """Optimizer groups of a patched model: its proj_l at ``lr``; with ``train="all"``, the rest at ``transformer_lr``.
+    """Optimizer groups of a patched model: its proj_l at ``lr``; with ``train="attention"`` the self-attention
+    weights, with ``train="all"`` every other parameter, at ``transformer_lr``.
 
     Everything outside the groups is frozen (``requires_grad`` False).
     """
     projections = list(sla_parameters(model).values())
     chosen = {id(parameter) for parameter in projections}
-    model.requires_grad_(train == "all")
-    groups = [{"params": projections, "lr": lr}]
-    if train == "all":
-        groups.append({"params": [p for p in model.parameters() if id(p) not in chosen], "lr": transformer_lr})
-    for parameter in projections:
+    others = {
+        "proj_l": [],
+        "attention": list(finetuned.attention_parameters(model).values()),
+        "all": [p for p in model.parameters() if id(p) not in chosen],
+    }[train]
+    model.requires_grad_(False)
+    groups = [{"params": projections, "lr": lr}] + ([{"params": others, "lr": transformer_lr}] if others else [])
+    for parameter in projections + others:
         parameter.requires_grad_(True)
     return groups
 

@@ -38,7 +38,7 @@ def test_demo_runs_the_video_demo_once_weights_are_shipped(calls, capsys):
     assert cli.main(["demo", "--out", "x"]) == 0
     [(name, kwargs)] = calls
     assert name == "video" and kwargs["weights"] == model.WEIGHTS and kwargs["sla_weights"] is None
-    assert "no fine-tuned proj_l (scripts/finetune_tiny.py writes it)" in capsys.readouterr().out
+    assert "no fine-tune file (scripts/finetune_tiny.py writes it)" in capsys.readouterr().out
     finetuned.SLA_WEIGHTS.write_bytes(b"")
     assert cli.main(["demo"]) == 0 and calls[1][1]["sla_weights"] == finetuned.SLA_WEIGHTS
     assert cli.main(["demo", "--attention"]) == 0 and calls[2][0] == "attention"

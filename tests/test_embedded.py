@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import sagesla
 from sagesla import metrics
@@ -33,7 +34,7 @@ def run_script(name: str, *argv: str) -> None:
 
 @pytest.fixture(scope="module")
 def finetune_smoke(tmp_path_factory) -> pathlib.Path:
-    """The proj_l file of a fine-tune smoke run (2 random blocks, 4 distillation steps)."""
+    """The file of a default fine-tune smoke run (2 random blocks, 4 distillation steps of proj_l and attention)."""
     pytest.importorskip("diffusers")
     out = tmp_path_factory.mktemp("finetune") / "sla.safetensors"
     run_script("finetune_tiny.py", "--smoke", "--out", str(out))
@@ -136,13 +137,15 @@ def test_distillation_loss_is_zero_for_one_model_and_trains_proj_l_under_sparse_
 
 
 @pytest.mark.parametrize(
-    "objective, train", [("distill", "proj_l"), ("flow", "all")], ids=["distill-proj_l", "flow-all"]
+    "objective, train",
+    [("distill", "attention"), ("distill", "proj_l"), ("flow", "all")],
+    ids=["distill-attention", "distill-proj_l", "flow-all"],
 )
 def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, capsys, finetune_smoke, objective, train):
     from sagesla.embedded.model import build, load
 
     out = finetune_smoke
-    if (objective, train) != ("distill", "proj_l"):
+    if (objective, train) != ("distill", "attention"):
         out = tmp_path / "sla.safetensors"
         run_script("finetune_tiny.py", "--smoke", "--objective", objective, "--train", train, "--out", str(out))
         assert "4 steps in " in capsys.readouterr().out
@@ -153,6 +156,17 @@ def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, ca
     sagesla.patch(model, topk=record.topk)
     assert len(sagesla.load_sla_weights(model, out).loaded) == 4
     assert all(float(model.blocks[i].attn1.sla.proj_l.weight.detach().abs().max()) > 0 for i in range(2))
+    trained = {k.removeprefix(finetuned.TRANSFORMER) for k in load_file(out) if k.startswith(finetuned.TRANSFORMER)}
+    attention = set(finetuned.attention_parameters(model))
+    assert attention <= trained if train == "all" else trained == (attention if train == "attention" else set())
+    if train == "attention":
+        before = model.blocks[1].attn1.to_q.weight.detach().clone()
+        finetuned.load_attention(model, out)
+        changed = model.blocks[1].attn1.to_q.weight.detach()
+        assert torch.equal(changed, load_file(out)["transformer.blocks.1.attn1.to_q.weight"].float())
+        assert not torch.equal(changed, before)
+        with pytest.raises(ValueError, match="self-attention weights do not fit the model"):
+            finetuned.load_attention(build({**TWO_BLOCKS, "num_layers": 3})[0], out)
 
 
 def test_finetune_needs_its_own_out_for_smoke_and_train_all(capsys):
@@ -199,7 +213,7 @@ def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, fine
     assert not demo.trained and demo.finetune == finetuned.read(finetune_smoke)
     assert [r.prompt for r in demo.prompts] == list(prompts)
     assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in demo.prompts)
-    names = ["dense", "SageSLA, calibrated", "sparse only", "SageSLA, not fine-tuned", "SageSLA, fine-tuned proj_l"]
+    names = ["dense", "SageSLA, calibrated", "sparse only", "SageSLA, not fine-tuned", "SageSLA, fine-tuned"]
     assert [v.name for v in demo.variants] == names
     assert [v.topk for v in demo.variants] == [1.0, None, 0.1, 0.1, 0.1]
     dense, *sla = demo.variants
@@ -208,12 +222,12 @@ def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, fine
     assert [v.sparsity for v in sla[1:]] == [15 / 16] * 3  # 1 of 16 key blocks of 64 tokens kept
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
-    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["objective"] == "distill"
+    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["train"] == "attention"
     gif = Image.open(tmp_path / "demo.gif")  # dense | SageSLA calibrated | SageSLA fine-tuned
     assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 3 + 2 * 2) * 4, 32 * 4)
     assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
     assert "| red circle moves right" in format_results(demo.prompts)
-    assert "| SageSLA, fine-tuned proj_l | 0.1 " in format_variants(demo.variants)
+    assert "| SageSLA, fine-tuned     | 0.1 " in format_variants(demo.variants)
 
 
 def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):

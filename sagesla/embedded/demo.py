@@ -5,7 +5,8 @@ Every variant samples the same noise with the same prompts as dense, so its vide
 - at one fixed topk (the fine-tune's, 0.1 without one) and the fine-tune's blocks (64 x 64):
   "sparse only": unquantized SLA with ``proj_l`` zero, which skips the linear branch: plain block-sparse attention;
   "SageSLA, not fine-tuned": quantized (INT8 Q/K, FP8 P/V), ``proj_l`` zero;
-  "SageSLA, fine-tuned proj_l": quantized, with the ``proj_l`` of ``scripts/finetune_tiny.py`` (given its file).
+  "SageSLA, fine-tuned": quantized, with what ``scripts/finetune_tiny.py`` trained (given its file): ``proj_l``,
+  and the self-attention weights or the whole transformer when it trained them.
 
 Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated [| SageSLA fine-tuned]),
 ``profile.png`` (per-layer topk, sparsity and error from the calibration), ``profile.safetensors`` and
@@ -33,7 +34,7 @@ DEMO_PROMPTS = ("red circle moves right", "blue square moves up", "yellow circle
 CALIBRATED = "SageSLA, calibrated"
 SPARSE = "sparse only"
 UNTUNED = "SageSLA, not fine-tuned"
-FINETUNED = "SageSLA, fine-tuned proj_l"
+FINETUNED = "SageSLA, fine-tuned"
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class VideoDemo:
         prompts: per prompt, dense against SageSLA at the calibrated profile.
         variants: dense first, then each SLA variant in the order of the module docstring.
         trained: whether trained dense weights were used (random ones otherwise).
-        finetune: the fine-tune whose ``proj_l`` the last variant used, or None (no such variant).
+        finetune: the fine-tune the last variant used, or None (no such variant).
     """
 
     prompts: list[PromptResult]
@@ -190,6 +191,8 @@ def run_video_demo(
         tuned = load(sla_weights, device)[0] if finetune.train == "all" else copy.deepcopy(model)
         sagesla.patch(tuned, **fixed)
         sagesla.load_sla_weights(tuned, sla_weights)
+        if finetune.train == "attention":
+            finetuned.load_attention(tuned, sla_weights)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
