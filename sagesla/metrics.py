@@ -33,7 +33,7 @@ def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float = 2.0) -> float:
     """
     x = x.detach().double().reshape(-1, 1, *x.shape[-2:])
     ref = ref.detach().double().reshape(-1, 1, *ref.shape[-2:])
-    coords = torch.arange(11, dtype=torch.float64) - 5
+    coords = torch.arange(11, dtype=torch.float64, device=x.device) - 5
     gauss = torch.exp(-(coords**2) / (2 * 1.5**2))
     window = (gauss[:, None] * gauss[None, :] / gauss.sum() ** 2)[None, None]
 

@@ -189,15 +189,17 @@ def test_finetune_record_is_checked(tmp_path):
         finetuned.read(tmp_path / "nope.safetensors")
 
 
-def test_ssim_and_psnr_match_their_definitions():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_ssim_and_psnr_match_their_definitions(device):
     """SSIM equals scikit-image's (gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=2):
     0.8846067879568205 on these numpy draws, computed with scikit-image once; PSNR of noise std 0.1 is 26.0 dB."""
     rng = np.random.default_rng(0)
     x = rng.random((32, 32)) * 2 - 1
     y = x + 0.1 * rng.standard_normal((32, 32))
-    assert metrics.ssim(torch.from_numpy(y), torch.from_numpy(x)) == pytest.approx(0.8846067879568205, abs=1e-12)
-    assert metrics.ssim(torch.from_numpy(x), torch.from_numpy(x)) == pytest.approx(1.0)
-    psnr = metrics.psnr(torch.from_numpy(y), torch.from_numpy(x))
+    tx, ty = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    assert metrics.ssim(ty, tx) == pytest.approx(0.8846067879568205, abs=1e-12)
+    assert metrics.ssim(tx, tx) == pytest.approx(1.0)
+    psnr = metrics.psnr(ty, tx)
     assert psnr == pytest.approx(10 * np.log10(4 / np.mean((y - x) ** 2)))
 
 
