@@ -2,13 +2,15 @@
 
 Usage:
     python scripts/train_tiny.py --out sagesla/embedded/tiny-video.safetensors [--steps 4000 --batch 32]
+    python scripts/train_tiny.py --init stage1.safetensors --batch 128 --lr 5e-4 --steps 900 --out stage2.safetensors
     python scripts/train_tiny.py --smoke --out /tmp/tiny.safetensors    # a few CPU steps of a 2-block model
 
 Each step draws a batch of prompts and renders fresh videos (``sagesla.embedded.training.Batches``), folds them
 into the trivial latent space, and regresses the flow velocity ``noise - x0`` at sigma drawn from a logit-normal
 (timestep = 1000 sigma, diffusers' flow-matching convention, as ``sagesla.calibration.sampling.denoise`` samples).
 Writes one safetensors file (transformer under ``transformer.``, prompt embedding under ``prompts.``) atomically,
-with the config and the final loss in its metadata.
+with the config, the steps (summed over ``--init`` stages) and the final loss in its metadata. ``--init`` continues
+from a file this script wrote (its config), with a fresh optimizer and schedule.
 """
 
 import argparse
@@ -16,9 +18,17 @@ import json
 
 import torch
 
-from sagesla.embedded.model import TINY_VIDEO_CONFIG, build, weights_tensors
+from sagesla.embedded.model import TINY_VIDEO_CONFIG, build, config_of, load, weights_tensors
 from sagesla.embedded.training import Batches, fit, flow_matching_loss
 from sagesla.patching.checkpoints import save_file_atomic
+
+
+def _steps_of(path: str) -> int:
+    """Training steps a weights file records."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return int((handle.metadata() or {}).get("steps", 0))
 
 
 def main() -> None:
@@ -28,6 +38,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", help="continue from weights this script wrote (default: fresh random weights)")
     parser.add_argument("--smoke", action="store_true", help="2 blocks, 4 steps of batch 2, on CPU")
     args = parser.parse_args()
     config = dict(TINY_VIDEO_CONFIG)
@@ -35,13 +46,19 @@ def main() -> None:
         config["num_layers"], args.steps, args.batch = 2, 4, 2
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     torch.manual_seed(args.seed)
-    model, prompts = build(config)
+    earlier = 0
+    if args.init:
+        model, prompts = load(args.init, device)
+        config, earlier = config_of(model), _steps_of(args.init)
+    else:
+        model, prompts = build(config)
     model.to(device).train()
-    prompts.to(device)
+    prompts.to(device).train()
     batches = Batches(args.batch, args.seed, device)
     groups = [{"params": [*model.parameters(), *prompts.parameters()], "lr": args.lr}]
     run = fit(lambda: flow_matching_loss(model, batches.draw(prompts)), groups, args.steps, device)
-    metadata = {"config": json.dumps(config), "steps": str(args.steps), "final_loss": f"{run.final_loss:.5f}"}
+    steps = str(earlier + args.steps)
+    metadata = {"config": json.dumps(config), "steps": steps, "final_loss": f"{run.final_loss:.5f}"}
     save_file_atomic(weights_tensors(model, prompts), args.out, metadata)
     print(f"{run}; wrote {args.out}")
 

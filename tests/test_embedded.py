@@ -88,6 +88,13 @@ def test_train_tiny_smoke(tmp_path, capsys):
     assert "4 steps" in capsys.readouterr().out
     model, _ = load(out, "cpu")
     assert len(model.blocks) == 2 and not model.training
+    again = tmp_path / "again.safetensors"
+    run_script("train_tiny.py", "--smoke", "--init", str(out), "--seed", "1", "--out", str(again))
+    with safe_open(again, "pt") as f:
+        assert f.metadata()["steps"] == "8" and f.metadata()["config"] == metadata["config"]
+    continued = load(again, "cpu")[0].blocks[0].attn1.to_q.weight
+    assert continued.shape == model.blocks[0].attn1.to_q.weight.shape
+    assert not torch.equal(continued, model.blocks[0].attn1.to_q.weight)
 
 
 def test_batches_are_reproducible_noised_videos():
