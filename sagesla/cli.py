@@ -52,7 +52,7 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
     if not demo.trained:
         print("note: random weights: these videos are noise, and so are their PSNR and SSIM")
     columns = "dense | SageSLA calibrated" + (" | SageSLA fine-tuned" if demo.finetune is not None else "")
-    print(f"wrote {args.out}/demo.gif ({columns}), profile.png, profile.safetensors, report.json")
+    print(f"wrote {args.out}/demo.gif ({columns}), frames.png, profile.png, profile.safetensors, report.json")
     return 0
 
 

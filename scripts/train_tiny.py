@@ -1,7 +1,7 @@
 """Train the embedded video model with flow matching on procedural moving-shape videos.
 
 Usage:
-    python scripts/train_tiny.py --out sagesla/embedded/tiny-video.safetensors [--steps 4000 --batch 32]
+    python scripts/train_tiny.py --out sagesla/embedded/tiny-video.safetensors [--steps 3000 --batch 32]
     python scripts/train_tiny.py --init stage1.safetensors --batch 128 --lr 5e-4 --steps 900 --out stage2.safetensors
     python scripts/train_tiny.py --smoke --out /tmp/tiny.safetensors    # a few CPU steps of a 2-block model
 
@@ -34,7 +34,7 @@ def _steps_of(path: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import sagesla
 from sagesla import metrics
 from sagesla.embedded import finetuned
-from sagesla.embedded.model import TINY_VIDEO_CONFIG
+from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS
 from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
@@ -234,6 +234,9 @@ def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, fine
     assert [v["name"] for v in report["variants"]] == names and report["finetune"]["train"] == "attention"
     gif = Image.open(tmp_path / "demo.gif")  # dense | SageSLA calibrated | SageSLA fine-tuned
     assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 3 + 2 * 2) * 4, 32 * 4)
+    width, height = gif.size
+    sheet = Image.open(tmp_path / "frames.png")  # frames 0, 5, 10, 15 in a row per prompt, 12-pixel gaps
+    assert sheet.size == (4 * width + 3 * 12, len(prompts) * height + (len(prompts) - 1) * 12)
     assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
     assert "| red circle moves right" in format_results(demo.prompts)
     assert "| SageSLA, fine-tuned     | 0.1 " in format_variants(demo.variants)
@@ -266,3 +269,28 @@ def test_video_demo_rejects_files_that_do_not_fit_before_calibrating(tmp_path, f
     with pytest.raises(ValueError, match=r"missing keys \['blocks.2.attn1.sla.proj_l.weight'"):
         run_video_demo(tmp_path, weights=None, sla_weights=finetune_smoke)  # 2 fine-tuned blocks, 8 in the model
     assert list(tmp_path.iterdir()) == []  # nothing calibrated or written
+
+
+def test_motion_check_passes_the_training_videos_and_fails_still_or_wrong_ones():
+    check = runpy.run_path(str(SCRIPTS / "check_tiny_motion.py"))["check"]
+    videos = render(list(PROMPTS), generator=torch.Generator().manual_seed(3))
+    assert all(check(video, prompt)[0] for video, prompt in zip(videos, PROMPTS, strict=True))
+    still = videos[0][:, :1].expand_as(videos[0])  # "red circle moves left", frozen at its first frame
+    passes, line = check(still, PROMPTS[0])
+    assert not passes and line.endswith("FAIL")
+    assert not check(videos[1], PROMPTS[0])[0]  # moving right, asked left
+    assert "colour WRONG" in check(videos[0], "blue circle moves left")[1]
+
+
+@pytest.mark.skipif(not WEIGHTS.is_file(), reason="the embedded weights are not in this checkout")
+def test_shipped_weights_load_and_the_shipped_finetune_fits_them():
+    from sagesla.embedded.model import load
+
+    model, embed = load(WEIGHTS, "cpu")
+    with safe_open(WEIGHTS, "pt") as f:
+        assert f.metadata()["steps"] == "3000" and WEIGHTS.stat().st_size <= 25 * 2**20
+    record = finetuned.read(finetuned.SLA_WEIGHTS)
+    assert (record.topk, record.train, record.objective, record.steps) == (0.1, "attention", "distill", 1200)
+    sagesla.patch(model, topk=record.topk, block_q=record.block_q, block_k=record.block_k)
+    assert len(sagesla.load_sla_weights(model, finetuned.SLA_WEIGHTS).loaded) == 16
+    finetuned.load_attention(model, finetuned.SLA_WEIGHTS)

@@ -8,7 +8,8 @@ Every variant samples the same noise with the same prompts as dense, so its vide
   "SageSLA, fine-tuned": quantized, with what ``scripts/finetune_tiny.py`` trained (given its file): ``proj_l``,
   and the self-attention weights or the whole transformer when it trained them.
 
-Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated [| SageSLA fine-tuned]),
+Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated [| SageSLA fine-tuned]) and
+``frames.png`` (its every 5th frame, a row per prompt),
 ``profile.png`` (per-layer topk, sparsity and error from the calibration), ``profile.safetensors`` and
 ``report.json``. Videos are [3, F, S, S] in [-1, 1] (F = 16 frames of S x S = 32 x 32 pixels).
 """
@@ -89,14 +90,15 @@ class _Sample:
 
 
 def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int) -> _Sample:
-    """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps."""
+    """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps, timed to the model's device."""
     from sagesla.calibration.sampling import denoise
 
-    if noise.is_cuda:
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
     latent = denoise(model, noise, text, steps)
-    if noise.is_cuda:
+    if cuda:
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) * 1e3 / steps
     skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
@@ -113,10 +115,21 @@ def _frames(videos: list[torch.Tensor], scale: int = 4):
     return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in pixels]
 
 
-def _write_gif(path: pathlib.Path, columns: list[list[_Sample]]) -> None:
-    """One animated GIF: per prompt, its videos of every column side by side, prompt after prompt."""
-    frames = [frame for row in zip(*columns, strict=True) for frame in _frames([s.video for s in row])]
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
+def _write_pictures(out: pathlib.Path, columns: list[list[_Sample]], every: int = 5) -> None:
+    """``demo.gif``: per prompt, its videos of every column side by side, prompt after prompt; ``frames.png``: the
+    same still, one row per prompt holding every ``every``-th frame (0, 5, 10, 15 of 16)."""
+    from PIL import Image
+
+    per_prompt = [_frames([s.video for s in row]) for row in zip(*columns, strict=True)]
+    frames = [frame for prompt in per_prompt for frame in prompt]
+    frames[0].save(out / "demo.gif", save_all=True, append_images=frames[1:], duration=120, loop=0)
+    width, height, gap = frames[0].width, frames[0].height, 12
+    picked = [prompt[::every] for prompt in per_prompt]
+    sheet = Image.new("RGB", (len(picked[0]) * (width + gap) - gap, len(picked) * (height + gap) - gap), "white")
+    for i, prompt in enumerate(picked):
+        for j, frame in enumerate(prompt):
+            sheet.paste(frame, (j * (width + gap), i * (height + gap)))
+    sheet.save(out / "frames.png")
 
 
 def _dense_model(
@@ -208,6 +221,7 @@ def run_video_demo(
     plot_profile(profile, str(out / "profile.png"))
 
     def run(variant: nn.Module) -> list[_Sample]:
+        _sample(variant, noise(0, 0), texts[0], 1)  # warm-up (Triton compilation, caches): not timed
         return [_sample(variant, noise(i, 0), text, steps) for i, text in enumerate(texts)]
 
     dense = run(model)
@@ -236,7 +250,7 @@ def run_video_demo(
         )
         for prompt, d, s in zip(prompts, dense, calibrated, strict=True)
     ]
-    _write_gif(out / "demo.gif", [dense, calibrated] + ([runs[FINETUNED][1]] if finetune is not None else []))
+    _write_pictures(out, [dense, calibrated] + ([runs[FINETUNED][1]] if finetune is not None else []))
     report = {
         "trained_weights": weights is not None,
         "steps": steps,
