@@ -290,12 +290,20 @@ def _rank_main(rank: int, world: int, port: int, backend: str, fn, args, results
 
 
 def ulysses_vs_one_device(
-    shape_name: str, num_layers: int, topk: float, quantized: bool, backend: str, dtype_name: str, degree: int
+    shape_name: str,
+    num_layers: int,
+    topk: float,
+    quantized: bool,
+    backend: str,
+    dtype_name: str,
+    degree: int,
+    profile: str | None = None,
 ) -> dict:
     """On every rank: one patched Wan step on this rank's device alone, then under ``enable_ulysses(degree)``.
 
-    The SLA layers get random ``proj_l`` weights and per-layer topk ``topk, topk * 2, ...`` (capped at 1), so the
-    linear branch and per-layer settings are exercised. Returns rel-L1 and max |diff| of the N-rank output against
+    The SLA layers get random ``proj_l`` weights and per-layer topk ``topk, topk * 2, ...`` (capped at 1), or the
+    per-layer, per-timestep-bucket topk of the calibration profile file ``profile``, so the linear branch and
+    per-layer settings are exercised. Returns rel-L1 and max |diff| of the N-rank output against
     the one-device output, both runs' per-layer sparsity and fallback reasons (rank 0's, for ``spawn_ranks``).
     """
     import sagesla
@@ -309,9 +317,8 @@ def ulysses_vs_one_device(
     torch.manual_seed(0)
     model = build_wan(shape, device, dtype)
     names = [f"blocks.{i}.attn1" for i in range(num_layers)]
-    sagesla.patch(
-        model, profile={n: min(1.0, topk * 2**i) for i, n in enumerate(names)}, quantized=quantized, backend=backend
-    )
+    layer_topk = profile or {n: min(1.0, topk * 2**i) for i, n in enumerate(names)}
+    sagesla.patch(model, profile=layer_topk, quantized=quantized, backend=backend)
     for name in names:
         torch.nn.init.normal_(model.get_submodule(name).sla.proj_l.weight, std=0.05)
     inputs = wan_step_inputs(shape, device, dtype)

@@ -31,6 +31,18 @@ def test_ulysses_on_two_cpu_ranks_matches_one_process(quantized):
     _check_against_one_device(result, 1e-5)
 
 
+def test_ulysses_follows_a_calibration_profile_with_timestep_buckets(tmp_path):
+    from sagesla.calibration import calibrate
+    from sagesla.testing import tiny_wan_transformer
+
+    inputs = [(torch.randn(1, 16, 4, 16, 16), torch.randn(1, 8, 32))]
+    profile = calibrate(tiny_wan_transformer(), inputs, steps=4, budget=0.5, buckets=2, progress=False)
+    assert profile.topk.shape == (2, 2) and float(profile.topk.max()) < 1  # 2 layers x 2 timestep buckets
+    profile.save(tmp_path / "tiny.profile")
+    args = ("tiny", 2, 0.25, True, "torch", "float32", 2, str(tmp_path / "tiny.profile"))
+    _check_against_one_device(spawn_ranks(ulysses_vs_one_device, 2, *args), 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.multigpu
 def test_ulysses_on_two_gpus_matches_one_gpu():
