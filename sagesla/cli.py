@@ -1,4 +1,4 @@
-"""The ``sagesla`` command line: ``sagesla demo``, ``sagesla calibrate``.
+"""The ``sagesla`` command line: ``sagesla demo``, ``sagesla calibrate``, ``sagesla bench-e2e`` (``sagesla.e2e``).
 
 ``sagesla demo`` runs the video demo (``sagesla.embedded.demo``) when the embedded model's trained weights are
 shipped, the attention demo (``sagesla.demo``) otherwise; ``--video`` / ``--attention`` choose.
@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from sagesla import e2e
 from sagesla.calibration import cli as calibration_cli
 
 
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--repeats", type=int, default=3)
     demo.set_defaults(run=_demo)
     calibration_cli.add_parser(sub)
+    bench = sub.add_parser("bench-e2e", help="time whole denoising steps of Wan-shaped models, dense vs SageSLA")
+    e2e.add_arguments(bench)
+    bench.set_defaults(run=e2e.run)
     return parser
 
 

@@ -57,3 +57,14 @@ def test_video_and_attention_exclude_each_other(calls, capsys):
     with pytest.raises(SystemExit):
         cli.main(["demo", "--video", "--attention"])
     assert "not allowed with argument" in capsys.readouterr().err and calls == []
+
+
+def test_bench_e2e_is_a_subcommand_with_the_scripts_arguments(monkeypatch, capsys):
+    from sagesla import e2e
+
+    seen = []
+    monkeypatch.setattr(e2e, "run_scaling", lambda args, gpu, backend: seen.append((args.model, args.nproc, backend)))
+    assert cli.main(["bench-e2e", "--model", "tiny", "--nproc", "1", "2", "--steps", "1"]) == 0
+    assert seen == [("tiny", [1, 2], "gloo")]  # no GPU here: gloo processes on the CPU
+    with pytest.raises(SystemExit, match=r"--nproc \[3\]: each count must be in \[1, 2\]"):
+        cli.main(["bench-e2e", "--model", "tiny", "--nproc", "3"])

@@ -21,7 +21,9 @@ def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
     calibrate(tiny_wan_transformer(), inputs, steps=2, budget=0.3, progress=False).save(tmp_path / "tiny.profile")
     argv = ["bench_e2e.py", "--model", "tiny", "--steps", "1", "--profile", str(tmp_path / "tiny.profile")]
     monkeypatch.setattr(sys, "argv", [*argv, "--out-dir", str(tmp_path)])
-    runpy.run_path(str(SCRIPTS / "bench_e2e.py"), run_name="__main__")
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(str(SCRIPTS / "bench_e2e.py"), run_name="__main__")
+    assert exit_status.value.code == 0
     report = json.loads((tmp_path / "CPU-e2e-tiny.json").read_text())
     labels = [r["config"] for r in report["results"]]
     assert labels == [
