@@ -46,6 +46,8 @@ def denoise(
     steps: int,
     shift: float = DEFAULT_SHIFT,
     before_step: Callable[[int], None] | None = None,
+    guidance: float = 1.0,
+    negative_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample from noise ``latents`` with ``model`` (a Wan transformer predicting the flow velocity).
 
@@ -54,23 +56,39 @@ def denoise(
         latents: [B, C, F, H, W] starting noise; text: [B, T, text_dim] prompt embeddings.
         steps: denoising steps; shift: the scheduler's timestep shift.
         before_step: called with each step's index before the model runs.
+        guidance: classifier-free guidance scale; 1.0 runs the conditional forward alone, otherwise each step
+            runs it and the one on ``negative_text`` and moves by ``v_neg + guidance * (v_text - v_neg)``.
+        negative_text: [B, T, text_dim] (default: zeros, the null prompt of models trained with prompt dropout).
     Returns:
         the final latents [B, C, F, H, W] fp32.
+    Raises:
+        ValueError: ``guidance`` is not a finite float >= 1.
     """
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1 <= guidance < float("inf"):
+        raise ValueError(f"`guidance` must be a finite float >= 1 (1: no guidance), got {guidance!r}")
     parameter = next(model.parameters())
     schedule = scheduler(shift)
     schedule.set_timesteps(steps, device=parameter.device)
     sample = latents.to(parameter.device, torch.float32)
     text = text.to(parameter.device, parameter.dtype)
+    if guidance != 1 and negative_text is None:
+        negative_text = torch.zeros_like(text)
+
+    def velocity(timestep: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(
+                hidden_states=sample.to(parameter.dtype),
+                timestep=timestep.expand(sample.shape[0]),
+                encoder_hidden_states=prompt,
+                return_dict=False,
+            )[0].float()
+
     for index, timestep in enumerate(schedule.timesteps):
         if before_step is not None:
             before_step(index)
-        with torch.no_grad():
-            velocity = model(
-                hidden_states=sample.to(parameter.dtype),
-                timestep=timestep.expand(sample.shape[0]),
-                encoder_hidden_states=text,
-                return_dict=False,
-            )[0]
-        sample = schedule.step(velocity.float(), timestep, sample, return_dict=False)[0]
+        moved = velocity(timestep, text)
+        if guidance != 1:
+            negative = velocity(timestep, negative_text.to(parameter.device, parameter.dtype))
+            moved = negative + guidance * (moved - negative)
+        sample = schedule.step(moved, timestep, sample, return_dict=False)[0]
     return sample

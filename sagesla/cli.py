@@ -43,6 +43,7 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
         weights=weights,
         sla_weights=sla_weights,
         steps=args.steps,
+        guidance=args.guidance,
         budget=args.budget,
         seed=args.seed,
         device=device,
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sla-weights", default=None, help="proj_l from scripts/finetune_tiny.py (default: the shipped, if any)"
     )
     video.add_argument("--steps", type=int, default=10, help="denoising steps")
+    video.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     video.add_argument("--budget", type=float, default=0.05, help="calibration budget (worst rel-L1 per layer)")
     video.add_argument("--out", default="sagesla-demo", help="output folder")
     attention = demo.add_argument_group("attention demo (--attention)")

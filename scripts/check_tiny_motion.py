@@ -46,6 +46,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(WEIGHTS))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--every", type=int, default=1, help="check every n-th prompt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-pass", type=float, default=0.0, help="fraction of prompts that must pass")
@@ -55,13 +56,16 @@ def main() -> int:
     prompts = list(PROMPTS[:: args.every])
     noise = torch.randn(len(prompts), *LATENT_SHAPE, generator=torch.Generator().manual_seed(args.seed))
     with torch.no_grad():
-        videos = from_latent(denoise(model, noise, embed(prompts), args.steps)).clamp(-1, 1).cpu()
+        videos = (
+            from_latent(denoise(model, noise, embed(prompts), args.steps, guidance=args.guidance)).clamp(-1, 1).cpu()
+        )
     passed = 0
     for prompt, video in zip(prompts, videos, strict=True):
         ok, line = check(video, prompt)
         passed += ok
         print(line)
-    print(f"{passed}/{len(prompts)} prompts pass ({args.weights}, {args.steps} steps, seed {args.seed})")
+    setting = f"{args.steps} steps, guidance {args.guidance}, seed {args.seed}"
+    print(f"{passed}/{len(prompts)} prompts pass ({args.weights}, {setting})")
     return 0 if passed >= args.min_pass * len(prompts) else 1
 
 

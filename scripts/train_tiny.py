@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--text-dropout", type=float, default=0.0, help="zero a sample's prompt with this probability (for guidance)"
+    )
     parser.add_argument("--init", help="continue from weights this script wrote (default: fresh random weights)")
     parser.add_argument("--smoke", action="store_true", help="2 blocks, 4 steps of batch 2, on CPU")
     args = parser.parse_args()
@@ -54,11 +57,12 @@ def main() -> None:
         model, prompts = build(config)
     model.to(device).train()
     prompts.to(device).train()
-    batches = Batches(args.batch, args.seed, device)
+    batches = Batches(args.batch, args.seed, device, args.text_dropout)
     groups = [{"params": [*model.parameters(), *prompts.parameters()], "lr": args.lr}]
     run = fit(lambda: flow_matching_loss(model, batches.draw(prompts)), groups, args.steps, device)
     steps = str(earlier + args.steps)
     metadata = {"config": json.dumps(config), "steps": steps, "final_loss": f"{run.final_loss:.5f}"}
+    metadata["text_dropout"] = str(args.text_dropout)
     save_file_atomic(weights_tensors(model, prompts), args.out, metadata)
     print(f"{run}; wrote {args.out}")
 

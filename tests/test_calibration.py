@@ -172,6 +172,25 @@ def test_recorded_errors_match_the_layers_own_outputs():
     assert measured.calls.tolist() == [[1], [1]] and measured.info["tokens"] == [1024]
 
 
+def test_denoise_with_classifier_free_guidance():
+    model = tiny_model()
+    latents, text = seeded_inputs([4], shape=(4, 16, 16))[0]
+    negative = torch.randn_like(text)
+    plain = sampling.denoise(model, latents, text, 2)
+    assert torch.equal(sampling.denoise(model, latents, text, 2, guidance=3.0, negative_text=text), plain)
+    # One Euler step from sigma 1 to 0: x - (v_neg + g (v_text - v_neg)), the velocities at the first timestep.
+    timestep = sampling.timesteps(sampling.DEFAULT_SHIFT, 1)[0]
+    with torch.no_grad():
+        v_text, v_neg = (model(latents, torch.tensor([timestep]), t, return_dict=False)[0] for t in (text, negative))
+    guided = sampling.denoise(model, latents, text, 1, guidance=2.5, negative_text=negative)
+    torch.testing.assert_close(guided, latents - (v_neg + 2.5 * (v_text - v_neg)), rtol=1e-5, atol=1e-5)
+    zeros = sampling.denoise(model, latents, text, 1, guidance=2.5)  # the default negative: the null prompt
+    assert torch.equal(zeros, sampling.denoise(model, latents, text, 1, guidance=2.5, negative_text=0 * text))
+    for bad in (0.5, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="`guidance` must be a finite float >= 1"):
+            sampling.denoise(model, latents, text, 1, guidance=bad)
+
+
 def test_recording_keeps_the_dense_trajectory_exactly():
     model = tiny_model()
     latents, text = seeded_inputs([3])[0]

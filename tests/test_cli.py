@@ -47,7 +47,7 @@ def test_demo_runs_the_video_demo_once_weights_are_shipped(calls, capsys):
 def test_video_demo_without_weights_says_it_uses_random_ones(calls, capsys):
     assert cli.main(["demo", "--video", "--steps", "3"]) == 0
     [(name, kwargs)] = calls
-    assert name == "video" and kwargs["weights"] is None and kwargs["steps"] == 3
+    assert name == "video" and kwargs["weights"] is None and kwargs["steps"] == 3 and kwargs["guidance"] == 1.0
     out = capsys.readouterr().out
     assert "no trained weights (scripts/train_tiny.py writes them): random weights" in out
     assert "note: random weights: these videos are noise" in out

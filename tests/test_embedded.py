@@ -110,6 +110,21 @@ def test_batches_are_reproducible_noised_videos():
     # latents = x0 + sigma * (noise - x0): the clean video comes back, inside [-1, 1]
     x0 = first.latents - sigma[:, None, None, None, None] * first.velocity
     assert x0.abs().max() <= 1 + 1e-5 and x0.min() < BACKGROUND + 0.01
+
+
+def test_text_dropout_zeroes_whole_prompts_and_leaves_the_rest_alone():
+    from sagesla.embedded.model import PromptEmbedding
+    from sagesla.embedded.training import Batches
+
+    embedding = PromptEmbedding()
+    plain, dropped = Batches(400, 7, "cpu").draw(embedding), Batches(400, 7, "cpu", text_dropout=0.25).draw(embedding)
+    assert torch.equal(plain.latents, dropped.latents) and torch.equal(plain.velocity, dropped.velocity)
+    zeroed = (dropped.text == 0).flatten(1).all(dim=1)  # [400] whole prompts
+    assert torch.equal(dropped.text[~zeroed], plain.text[~zeroed])
+    assert 0.18 < float(zeroed.float().mean()) < 0.32  # 100 expected of 400
+    for bad in (-0.1, 1.0, True):
+        with pytest.raises(ValueError, match="`text_dropout` must be a float in \\[0, 1\\)"):
+            Batches(2, 0, "cpu", text_dropout=bad)
     with pytest.raises(ValueError, match=r"`batch` must be a positive int, got 0"):
         Batches(0, 7, "cpu")
 
@@ -250,8 +265,17 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
 
     prompts = ("yellow circle moves left",)
     demo = run_video_demo(
-        tmp_path, weights=None, sla_weights=None, prompts=prompts, steps=2, topk=1.0, config=TWO_BLOCKS, progress=False
+        tmp_path,
+        weights=None,
+        sla_weights=None,
+        prompts=prompts,
+        steps=2,
+        guidance=2.0,
+        topk=1.0,
+        config=TWO_BLOCKS,
+        progress=False,
     )
+    assert json.loads((tmp_path / "report.json").read_text())["guidance"] == 2.0
     assert demo.finetune is None and [v.name for v in demo.variants][2:] == ["sparse only", "SageSLA, not fine-tuned"]
     for variant in demo.variants[1:]:
         assert variant.sparsity == 0 and variant.psnr_db > SAME_AS_DENSE_PSNR_DB and variant.ssim > 0.9999, variant

@@ -89,15 +89,16 @@ class _Sample:
     sparsity: float  # mean over the SLA layers of the fraction of block pairs the last call skipped
 
 
-def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int) -> _Sample:
-    """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps, timed to the model's device."""
+def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float) -> _Sample:
+    """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps (classifier-free ``guidance``
+    against the null prompt), timed to the model's device."""
     from sagesla.calibration.sampling import denoise
 
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    latent = denoise(model, noise, text, steps)
+    latent = denoise(model, noise, text, steps, guidance=guidance)
     if cuda:
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) * 1e3 / steps
@@ -165,6 +166,7 @@ def run_video_demo(
     sla_weights: str | os.PathLike | None = finetuned.SLA_WEIGHTS,
     prompts: tuple[str, ...] = DEMO_PROMPTS,
     steps: int = 10,
+    guidance: float = 1.0,
     budget: float = 0.05,
     topk: float | None = None,
     seed: int = 0,
@@ -182,6 +184,8 @@ def run_video_demo(
         sla_weights: fine-tuned SLA weights (``scripts/finetune_tiny.py``); None: no fine-tuned variant.
         prompts: one video per prompt.
         steps: denoising steps; budget: calibration budget (worst rel-L1 per layer).
+        guidance: classifier-free guidance scale of the compared samples (1: none; for weights trained with
+            ``train_tiny.py --text-dropout``); the calibration runs the conditional forward alone.
         topk: the fixed topk of the last variants; None: the fine-tune's, ``DEFAULT_TOPK`` without one.
         device: default CUDA when available.
         progress: show the calibration's progress bar.
@@ -221,8 +225,8 @@ def run_video_demo(
     plot_profile(profile, str(out / "profile.png"))
 
     def run(variant: nn.Module) -> list[_Sample]:
-        _sample(variant, noise(0, 0), texts[0], 1)  # warm-up (Triton compilation, caches): not timed
-        return [_sample(variant, noise(i, 0), text, steps) for i, text in enumerate(texts)]
+        _sample(variant, noise(0, 0), texts[0], 1, guidance)  # warm-up (Triton compilation, caches): not timed
+        return [_sample(variant, noise(i, 0), text, steps, guidance) for i, text in enumerate(texts)]
 
     dense = run(model)
     runs = {"dense": (1.0, dense)}
@@ -254,6 +258,7 @@ def run_video_demo(
     report = {
         "trained_weights": weights is not None,
         "steps": steps,
+        "guidance": guidance,
         "budget": budget,
         "finetune": None if finetune is None else asdict(finetune),
         "results": [asdict(r) for r in results],

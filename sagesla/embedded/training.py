@@ -50,15 +50,19 @@ class NoisyBatch:
 
 class Batches:
     """Fresh batches, reproducible from ``seed``: ``batch`` prompts drawn uniformly from ``PROMPTS``, their videos
-    rendered on ``device`` with random placement, radius and speed, sigma drawn from a logit-normal.
+    rendered on ``device`` with random placement, radius and speed, sigma drawn from a logit-normal; with
+    ``text_dropout`` p, each sample's text embedding is zeroed (the null prompt) with probability p, so the model
+    also learns the unconditional velocity that classifier-free guidance needs (``denoise(..., guidance=)``).
 
     Raises:
-        ValueError: ``batch`` is not a positive int.
+        ValueError: ``batch`` is not a positive int or ``text_dropout`` not in [0, 1).
     """
 
-    def __init__(self, batch: int, seed: int, device: str | torch.device):
+    def __init__(self, batch: int, seed: int, device: str | torch.device, text_dropout: float = 0.0):
         _check_positive("batch", batch, int)
-        self.batch, self.device = batch, torch.device(device)
+        if isinstance(text_dropout, bool) or not isinstance(text_dropout, (int, float)) or not 0 <= text_dropout < 1:
+            raise ValueError(f"`text_dropout` must be a float in [0, 1), got {text_dropout!r}")
+        self.batch, self.device, self.text_dropout = batch, torch.device(device), float(text_dropout)
         self._picker = random.Random(seed)
         self._generator = torch.Generator(self.device).manual_seed(seed)
 
@@ -69,7 +73,11 @@ class Batches:
         noise = torch.randn(x0.shape, generator=self._generator, device=self.device)
         sigma = torch.sigmoid(torch.randn(self.batch, generator=self._generator, device=self.device))
         weight = sigma[:, None, None, None, None]
-        return NoisyBatch(weight * noise + (1 - weight) * x0, sigma * 1000, embedding(prompts), noise - x0)
+        text = embedding(prompts)
+        if self.text_dropout:  # no draw at 0, so batches without dropout stay as they were
+            keep = torch.rand(self.batch, generator=self._generator, device=self.device) >= self.text_dropout
+            text = text * keep[:, None, None].to(text.dtype)
+        return NoisyBatch(weight * noise + (1 - weight) * x0, sigma * 1000, text, noise - x0)
 
 
 def predict(model: nn.Module, batch: NoisyBatch) -> torch.Tensor:
