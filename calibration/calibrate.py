@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import sagesla
+from sagesla import validation
 from sagesla.calibration import sampling
 from sagesla.calibration.choose import check_selection, choose
 from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
@@ -19,10 +20,10 @@ def _is_patched(model: nn.Module) -> bool:
 
 
 def _record_steps(steps: int, record_steps: Sequence[int] | None) -> list[int]:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not validation.is_number(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}")
     chosen = list(range(steps)) if record_steps is None else sorted(set(record_steps))
-    if not chosen or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < steps for i in chosen):
+    if not chosen or any(not validation.is_number(i, int) or not 0 <= i < steps for i in chosen):
         raise ValueError(f"`record_steps` must be step indices in [0, {steps}), got {record_steps!r}")
     return chosen
 

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from sagesla import validation
 from sagesla.profile import METRICS, Measurements, Profile, Selection
 
 
@@ -109,9 +110,9 @@ def check_selection(budget: float, metric: str, per_head: bool, target_sparsity:
     if not isinstance(per_head, bool):
         raise TypeError(f"`per_head` must be a bool, got {type(per_head).__name__}")
     if target_sparsity is not None:
-        if isinstance(target_sparsity, bool) or not isinstance(target_sparsity, (int, float)):
+        if not validation.is_number(target_sparsity):
             raise TypeError(f"`target_sparsity` must be a float in [0, 1), got {type(target_sparsity).__name__}")
         if not 0 <= target_sparsity < 1:
             raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity}")
-    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+    elif not validation.is_number(budget) or not 0 <= budget < math.inf:
         raise ValueError(f"`budget` must be a finite number >= 0, got {budget!r}")

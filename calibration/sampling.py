@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from sagesla import validation
+
 # Wan's flow shift: 3.0 at 480p, 5.0 at 720p (diffusers' Wan pipelines).
 DEFAULT_SHIFT = 3.0
 
@@ -33,7 +35,7 @@ def bucket_edges(values: Sequence[float], buckets: int) -> tuple[float, ...]:
         ValueError: ``buckets`` is not in [1, number of distinct values].
     """
     distinct = sorted(set(values))
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= len(distinct):
+    if not validation.is_number(buckets, int) or not 1 <= buckets <= len(distinct):
         raise ValueError(f"`buckets` must be an int in [1, {len(distinct)}] (the distinct timesteps), got {buckets!r}")
     groups = torch.tensor(distinct, dtype=torch.float64).tensor_split(buckets)
     return tuple(float(low[-1] + high[0]) / 2 for low, high in zip(groups, groups[1:], strict=False))
@@ -64,15 +66,15 @@ def denoise(
     Raises:
         ValueError: ``guidance`` is not a finite float >= 1.
     """
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1 <= guidance < float("inf"):
+    if not validation.is_number(guidance) or not 1 <= guidance < float("inf"):
         raise ValueError(f"`guidance` must be a finite float >= 1 (1: no guidance), got {guidance!r}")
     parameter = next(model.parameters())
     schedule = scheduler(shift)
     schedule.set_timesteps(steps, device=parameter.device)
     sample = latents.to(parameter.device, torch.float32)
     text = text.to(parameter.device, parameter.dtype)
-    if guidance != 1 and negative_text is None:
-        negative_text = torch.zeros_like(text)
+    if guidance != 1:
+        negative_text = torch.zeros_like(text) if negative_text is None else negative_text.to(text)
 
     def velocity(timestep: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -88,7 +90,7 @@ def denoise(
             before_step(index)
         moved = velocity(timestep, text)
         if guidance != 1:
-            negative = velocity(timestep, negative_text.to(parameter.device, parameter.dtype))
+            negative = velocity(timestep, negative_text)
             moved = negative + guidance * (moved - negative)
         sample = schedule.step(moved, timestep, sample, return_dict=False)[0]
     return sample

@@ -112,11 +112,15 @@ def _topks(config: Config) -> list[float]:
     return load_profile(config.profile).topk.flatten().tolist()
 
 
+DENSE = Config("dense SDPA (default backend)")
+SAGESLA = Config("SageSLA topk 0.05", topk=0.05)
+
+
 def configs(compile_: bool, cuda: bool, profile: str | None) -> list[Config]:
     eager = [
-        Config("dense SDPA (default backend)"),
+        DENSE,
         *([Config("dense SDPA (cuDNN)", cudnn=True)] if cuda else []),
-        Config("SageSLA topk 0.05", topk=0.05),
+        SAGESLA,
         Config("SageSLA topk 0.1", topk=0.1),
         *([Config(f"SageSLA profile {pathlib.Path(profile).name}", profile=profile)] if profile else []),
         Config("SLA unquantized topk 0.05", topk=0.05, quantized=False),
@@ -125,18 +129,29 @@ def configs(compile_: bool, cuda: bool, profile: str | None) -> list[Config]:
     return eager + [Config("SageSLA topk 0.05, compiled", topk=0.05, compiled=True)] if compile_ else eager
 
 
-def run_config(model, config: Config, inputs, args, device, dtype, backend) -> tuple[float, float | None, float]:
-    """(step ms, peak GiB or None, ms of one attention call) of ``config``; leaves the model unpatched."""
+def guided_inputs(shape, device: str, dtype: torch.dtype) -> tuple[tuple, tuple]:
+    """(conditional, unconditional) forward inputs of one guided step: the same latent and timestep, two texts."""
+    cond = wan_step_inputs(shape, device, dtype, seed=0)
+    return cond, (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
+
+
+def _prepare(model, config: Config, backend: str, cuda: bool) -> None:
+    """Patch ``model`` for ``config`` (unpatched for dense) and, on CUDA, restart the peak-memory count."""
     sagesla.unpatch(model)
     if config.topk is not None or config.profile is not None:
         sagesla.patch(model, topk=config.topk, profile=config.profile, quantized=config.quantized, backend=backend)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_config(model, config: Config, inputs, args, device, dtype, backend) -> tuple[float, float | None, float]:
+    """(step ms, peak GiB or None, ms of one attention call) of ``config``; leaves the model unpatched."""
+    _prepare(model, config, backend, device == "cuda")
     runner = model
     if config.compiled:
         torch._dynamo.reset()
         runner = torch.compile(model, fullgraph=True)
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     with _dense_backend(config):
         ms = time_steps(runner, *inputs, args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -178,8 +193,8 @@ class ScalingResult:
     peak_gib: float | None  # the largest of the ranks' (None on CPU)
 
 
-def time_on_ranks(model_name: str, topks: list[float | None], steps: int, warmup: int) -> list[tuple]:
-    """On every rank of the group: (label, step ms, peak GiB over ranks or None) per topk (None: dense SDPA).
+def time_on_ranks(model_name: str, timed: list[Config], steps: int, warmup: int) -> list[tuple]:
+    """On every rank of the group: (label, step ms, peak GiB over ranks or None) per eager config.
 
     Rank r runs on GPU r in bf16 with the Triton kernels; without GPUs (a smoke run) on the CPU in fp32 with the
     torch reference.
@@ -194,18 +209,12 @@ def time_on_ranks(model_name: str, topks: list[float | None], steps: int, warmup
     device, dtype, backend = (f"cuda:{rank}", torch.bfloat16, "triton") if cuda else ("cpu", torch.float32, "torch")
     torch.manual_seed(0)
     model = build_wan(shape, device, dtype)
-    cond = wan_step_inputs(shape, device, dtype, seed=0)
-    uncond = (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
+    cond, uncond = guided_inputs(shape, device, dtype)
     if world > 1:
         enable_ulysses(model)
     rows = []
-    for topk in topks:
-        sagesla.unpatch(model)
-        if topk is not None:
-            sagesla.patch(model, topk=topk, backend=backend)
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+    for config in timed:
+        _prepare(model, config, backend, cuda)
         dist.barrier()
         ms = time_steps(model, cond, uncond, steps, warmup, "cuda" if cuda else "cpu")
         peak = None
@@ -213,13 +222,13 @@ def time_on_ranks(model_name: str, topks: list[float | None], steps: int, warmup
             peak_tensor = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
             dist.all_reduce(peak_tensor, op=dist.ReduceOp.MAX)
             peak = float(peak_tensor)
-        rows.append(("dense SDPA (default backend)" if topk is None else f"SageSLA topk {topk}", ms, peak))
+        rows.append((config.label, ms, peak))
     return rows
 
 
 def run_scaling(args, gpu: str, backend: str) -> str:
     """Time ``args.nproc`` GPU counts one after the other; returns the table (written after every count)."""
-    topks = [0.05] + ([None] if args.dense else [])
+    timed = [SAGESLA] + ([DENSE] if args.dense else [])
     header = run_header(
         gpu,
         model=args.model,
@@ -232,7 +241,7 @@ def run_scaling(args, gpu: str, backend: str) -> str:
     counts, results, base = sorted(args.nproc), [], {}
     for n in counts:
         for label, ms, peak in spawn_ranks(
-            time_on_ranks, n, args.model, topks, args.steps, args.warmup, backend=backend
+            time_on_ranks, n, args.model, timed, args.steps, args.warmup, backend=backend
         ):
             base.setdefault(label, ms)
             speedup = base[label] / ms
@@ -292,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
         model = WanTransformer3DModel.from_pretrained(args.weights, torch_dtype=dtype).to(device).eval()
     else:
         model = build_wan(shape, device, dtype)
-    cond = wan_step_inputs(shape, device, dtype, seed=0)
-    uncond = (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
+    cond, uncond = guided_inputs(shape, device, dtype)
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     header = run_header(
         gpu,

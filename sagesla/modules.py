@@ -30,7 +30,7 @@ class _SLABase(nn.Module):
         pv_precision: str,
     ):
         super().__init__()
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        if not validation.is_number(head_dim, int) or head_dim < 1:
             raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}")
         self.topk = validation.check_topk(topk)
         validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)

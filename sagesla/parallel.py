@@ -19,6 +19,7 @@ Usage, one process per GPU (``torchrun --nproc-per-node N script.py``)::
 
 import torch
 
+from sagesla import validation
 from sagesla.patching.wan import is_self_attention
 
 
@@ -46,7 +47,7 @@ def enable_ulysses(model: torch.nn.Module, degree: int | None = None, *, uneven:
         raise RuntimeError("enable_ulysses needs torch.distributed initialised (init_process_group) on every rank")
     world = torch.distributed.get_world_size()
     degree = world if degree is None else degree
-    if isinstance(degree, bool) or not isinstance(degree, int) or not 2 <= degree <= world:
+    if not validation.is_number(degree, int) or not 2 <= degree <= world:
         raise ValueError(f"`degree` must be an int in [2, world size {world}], got {degree!r}")
     if not uneven:
         for name, module in model.named_modules():

@@ -19,6 +19,11 @@ def _shape_letters(layout: str) -> str:
     return "[B, H, L, D]" if layout == "HND" else "[B, L, H, D]"
 
 
+def is_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``value`` is an instance of ``kinds`` and not a bool (which Python counts as an int)."""
+    return not isinstance(value, bool) and isinstance(value, kinds)
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
@@ -26,7 +31,7 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
 
 def check_topk(topk: object, name: str = "topk") -> float:
     """topk must be a real number in (0, 1]; ``name`` is how the error names the argument."""
-    if isinstance(topk, bool) or not isinstance(topk, (int, float)):
+    if not is_number(topk):
         raise TypeError(f"`{name}` must be a float in (0, 1], got {type(topk).__name__} {topk!r}")
     if not (0.0 < float(topk) <= 1.0):
         raise ValueError(f"`{name}` must be in (0, 1] (the fraction of key blocks kept), got {topk!r}")
@@ -39,7 +44,7 @@ def check_bool(name: str, value: object) -> None:
 
 
 def check_block_size(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_number(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int (rows per block), got {value!r}")
 
 
@@ -53,7 +58,7 @@ def check_block_sizes(**sizes: object) -> None:
 def check_sm_scale(sm_scale: object) -> None:
     if sm_scale is None:
         return
-    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)) or not math.isfinite(sm_scale):
+    if not is_number(sm_scale) or not math.isfinite(sm_scale):
         raise ValueError(f"`sm_scale` must be a finite positive float or None, got {sm_scale!r}")
     if sm_scale <= 0:
         raise ValueError(f"`sm_scale` must be positive, got {sm_scale!r}")

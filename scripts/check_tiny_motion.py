@@ -28,7 +28,8 @@ def check(video: torch.Tensor, prompt: str) -> tuple[bool, str]:
     """(passes, one line) for a sampled video [3, F, S, S] in [-1, 1]."""
     colour, _, _, direction = prompt.split()
     size = video.shape[-1]
-    travel = centroid(video[None])[0, -1] - centroid(video[None])[0, 0]
+    path = centroid(video[None])[0]  # [F, 2]
+    travel = path[-1] - path[0]
     along = float(travel @ torch.tensor(DIRECTIONS[direction]))
     lit = video.mean(dim=0) > BACKGROUND + 0.3  # [F, S, S]
     frames = [float(lit[t].float().mean()) for t in (0, video.shape[1] // 2, -1)]

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sagesla import validation
 from sagesla.embedded.videos import PROMPTS, render, to_latent
 
 # The reported loss is the mean of the last LOSS_WINDOW steps (one step's loss is as noisy as its sigma draw).
@@ -27,7 +28,7 @@ def running_loss(losses: list[float]) -> float:
 
 
 def _check_positive(name: str, value: object, kind: type) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+    if not validation.is_number(value, kind) or not value > 0:
         raise ValueError(f"`{name}` must be a positive {kind.__name__}, got {value!r}")
 
 
@@ -60,7 +61,7 @@ class Batches:
 
     def __init__(self, batch: int, seed: int, device: str | torch.device, text_dropout: float = 0.0):
         _check_positive("batch", batch, int)
-        if isinstance(text_dropout, bool) or not isinstance(text_dropout, (int, float)) or not 0 <= text_dropout < 1:
+        if not validation.is_number(text_dropout) or not 0 <= text_dropout < 1:
             raise ValueError(f"`text_dropout` must be a float in [0, 1), got {text_dropout!r}")
         self.batch, self.device, self.text_dropout = batch, torch.device(device), float(text_dropout)
         self._picker = random.Random(seed)
