@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo train-tiny lint clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: install
 
 demo: install
 	$(BIN)/sagesla demo
+
+# The shipped embedded weights from scratch (needs a GPU: about 13 minutes on an H100).
+train-tiny: install
+	mkdir -p build
+	$(BIN)/python scripts/train_tiny.py --out build/tiny-stage1.safetensors
+	$(BIN)/python scripts/train_tiny.py --init build/tiny-stage1.safetensors --steps 3300 \
+		--out sagesla/embedded/tiny-video.safetensors
+	$(BIN)/python scripts/finetune_tiny.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

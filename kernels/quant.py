@@ -13,6 +13,7 @@ import triton.language as tl
 from sagesla.kernels._triton_utils import (
     FEATURE_MAP_IDS,
     IS_INTERPRET,
+    dot,
     feature_map,
     fp8e4m3_round_interpret,
     head_base,
@@ -75,6 +76,26 @@ def quant_block_kernel(
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _column_sums(x, ones, IS_INTERPRET: tl.constexpr):
+    """x [BT, DP] summed over its rows on the tensor cores: [DP, 16], every column the sum.
+
+    Operands as bf16 high and low parts (16 mantissa bits; bf16 input has no low part), so the sums of K keep
+    fp32-like precision (the smoothing mean must match the reference's) where one bf16 product would round each value.
+    """
+    hi = x.to(tl.bfloat16)
+    sums = dot(tl.trans(hi), ones, IS_INTERPRET)
+    if x.dtype != tl.bfloat16:
+        lo = (x.to(tl.float32) - hi.to(tl.float32)).to(tl.bfloat16)
+        sums += dot(tl.trans(lo), ones, IS_INTERPRET)
+    return sums
+
+
+@triton.jit
 def kv_stats_kernel(
     k,
     s_kb,
@@ -99,15 +120,23 @@ def kv_stats_kernel(
     HAS_LINEAR: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
-    """Partial reductions over one chunk of tokens: sum of K, max |V| per channel, phi(K)^T V, sum phi(K)."""
+    """Partial reductions over one chunk of tokens: sum of K, max |V| per channel, phi(K)^T V, sum phi(K).
+
+    The token sums run on the tensor cores as products with a ones tile ([DP, 16] accumulators, every column the
+    same sum, read back by a NaN-keeping max) and the maxima elementwise in a [BT, DP] tile, so the loop has no
+    cross-thread reduction, only one per program at the end (per-tile ``tl.sum(axis=0)`` cost as much as the state).
+    """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     p_k = head_base(k, i_bh, H, s_kb, s_kh)
     p_v = head_base(v, i_bh, H, s_vb, s_vh)
-    b_sum = tl.zeros([DP], dtype=tl.float32)
-    b_amax = tl.zeros([DP], dtype=tl.float32)
-    b_ksum = tl.zeros([DP], dtype=tl.float32)
+    ones = tl.full([BT, 16], 1.0, tl.float32).to(tl.bfloat16)
+    # [DP, 16]
+    a_sum = tl.zeros([DP, 16], dtype=tl.float32)
+    a_ksum = tl.zeros([DP, 16], dtype=tl.float32)
+    # [BT, DP]
+    a_amax = tl.zeros([BT, DP], dtype=tl.float32)
     # [DP, DP]
     b_kv = tl.zeros([DP, DP], dtype=tl.float32)
     start = i_c * CHUNK
@@ -117,25 +146,23 @@ def kv_stats_kernel(
         m_x = m_t[:, None] & m_d[None, :]
         # [BT, DP]
         b_k = tl.load(tile_ptrs(p_k, o_t, s_kl, o_d), mask=m_x, other=0.0)
-        b_kf = b_k.to(tl.float32)
-        b_sum += tl.sum(b_kf, axis=0)
+        a_sum += _column_sums(b_k, ones, IS_INTERPRET)
         if V_AMAX or HAS_LINEAR:
             b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
             if V_AMAX:
-                b_amax = tl.maximum(b_amax, tl.max(tl.abs(b_v.to(tl.float32)), axis=0))
+                a_amax = tl.maximum(a_amax, tl.abs(b_v.to(tl.float32)))
             if HAS_LINEAR:
-                b_phi = tl.where(m_t[:, None], feature_map(b_kf, m_d, FEATURE), 0.0)
-                b_ksum += tl.sum(b_phi, axis=0)
-                if IS_INTERPRET:
-                    b_kv = tl.dot(tl.trans(b_phi), b_v.to(tl.float32), b_kv)
-                else:
-                    b_kv = tl.dot(tl.trans(b_phi.to(b_v.dtype)), b_v, b_kv)
+                # phi rounded to V's dtype once, for both products: the normaliser sums the values the state weighs,
+                # and one shared operand costs less than a high/low split (tests: within TOL_KV_STATE of fp32).
+                b_phi = tl.where(m_t[:, None], feature_map(b_k.to(tl.float32), m_d, FEATURE), 0.0).to(b_v.dtype)
+                a_ksum += dot(tl.trans(b_phi), ones, IS_INTERPRET)
+                b_kv += dot(tl.trans(b_phi), b_v, IS_INTERPRET)
     i_out = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
-    tl.store(k_sum + i_out * DP + o_d, b_sum)
+    tl.store(k_sum + i_out * DP + o_d, tl.reduce(a_sum, 1, _max_keep_nan))
     if V_AMAX:
-        tl.store(v_amax + i_out * DP + o_d, b_amax)
+        tl.store(v_amax + i_out * DP + o_d, tl.max(a_amax, axis=0))
     if HAS_LINEAR:
-        tl.store(ksum + i_out * DP + o_d, b_ksum)
+        tl.store(ksum + i_out * DP + o_d, tl.reduce(a_ksum, 1, _max_keep_nan))
         tl.store(kv + i_out * DP * DP + o_d[:, None] * DP + o_d[None, :], b_kv)
 
 
@@ -175,10 +202,11 @@ def quant_v_fp8_kernel(
     tl.store(p_out, b_v.to(v_fp8t.dtype.element_ty), mask=(o_t < LP)[:, None])
 
 
-def _stats_grid(length: int, heads: int, block: int, programs: int) -> tuple[int, int]:
-    """(chunks per head, chunk length): about ``programs`` programs in all, chunks a multiple of ``block``."""
+def _stats_grid(length: int, heads: int, block: int, programs: int, min_chunk: int) -> tuple[int, int]:
+    """(chunks per head, chunk length): at most about ``programs`` programs in all, chunks of at least
+    ``min_chunk`` tokens where the length allows, a multiple of ``block``."""
     blocks = triton.cdiv(length, block)
-    chunks = max(1, min(blocks, triton.cdiv(programs, heads)))
+    chunks = max(1, min(blocks, triton.cdiv(programs, heads), triton.cdiv(length, min_chunk)))
     return chunks, triton.cdiv(blocks, chunks) * block
 
 
@@ -189,6 +217,7 @@ def kv_stats(
     feature_map: str | None,
     *,
     programs: int = 528,
+    min_chunk: int = 1536,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> KVStats:
@@ -198,13 +227,16 @@ def kv_stats(
         k, v: [B, H, L, D] views with unit stride on D.
         v_amax: compute the per-channel max of |V|.
         feature_map: phi of the linear branch, or None to skip its state.
-        programs, num_warps, num_stages: launch shape (programs in all: token chunks x heads).
+        programs, min_chunk, num_warps, num_stages: launch shape: token chunks x heads programs, up to about
+            ``programs`` of them with chunks of at least ``min_chunk`` tokens (each chunk's partial state, DP x DP
+            fp32, is written and summed afterwards). The defaults measured best on an H100 at the Wan shapes
+            (benchmarks/README.md): 264 programs of 1490 tokens at B1 H12 L32760, 520 of 5816 at B1 H40 L75600.
     Returns:
         KVStats as the reference (fp32, unpadded).
     """
     B, H, L, D = k.shape
-    DP, BT = padded_head_dim(D), 64
-    chunks, chunk = _stats_grid(L, B * H, BT, programs)
+    DP, BT = padded_head_dim(D), 32
+    chunks, chunk = _stats_grid(L, B * H, BT, programs, min_chunk)
     linear = feature_map is not None
     k_sum = torch.empty(B, H, chunks, DP, device=k.device, dtype=torch.float32)
     amax = torch.empty_like(k_sum) if v_amax else k_sum

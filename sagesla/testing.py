@@ -32,7 +32,7 @@ FORWARD_PATHS = (
     ("triton-fp8", "triton", True, "fp8"),
     ("triton-half", "triton", True, "half"),
 )
-# phi(K)^T V of kv_stats with phi rounded to the compute dtype on the GPU (bf16: relative step 2^-8).
+# phi(K)^T V and sum phi(K) of kv_stats, phi rounded to the compute dtype on the GPU (bf16: relative step 2^-8).
 TOL_KV_STATE = 5e-3
 
 

@@ -26,6 +26,7 @@ import pathlib
 import torch
 
 import sagesla
+from sagesla.calibration.sampling import DEFAULT_SHIFT
 from sagesla.embedded import finetuned
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.training import Batches, distillation_loss, fit, flow_matching_loss
@@ -47,6 +48,9 @@ def parse_args() -> argparse.Namespace:
         "--transformer-lr", type=float, default=1e-4, help="with --train attention / all: the transformer's"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sigma-shift", type=float, default=DEFAULT_SHIFT, help="noise-level shift of the batches (train_tiny.py's)"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="4 steps of batch 2 on CPU; 2 random blocks unless --weights"
     )
@@ -97,7 +101,7 @@ def main() -> None:
     print(sagesla.patch(model, topk=args.topk, quantized=False, block_q=block_q, block_k=block_k))
     model.train()
     groups = trainable_groups(model, args.train, args.lr, args.transformer_lr)
-    batches = Batches(args.batch, args.seed, device)
+    batches = Batches(args.batch, args.seed, device, sigma_shift=args.sigma_shift)
 
     def loss() -> torch.Tensor:
         batch = batches.draw(prompts)

@@ -129,6 +129,29 @@ def test_text_dropout_zeroes_whole_prompts_and_leaves_the_rest_alone():
         Batches(0, 7, "cpu")
 
 
+def test_sigma_shift_moves_the_noise_levels_as_the_samplers_scheduler_does():
+    from sagesla.calibration.sampling import scheduler
+    from sagesla.embedded.model import PromptEmbedding
+    from sagesla.embedded.training import Batches
+
+    embedding = PromptEmbedding()
+    plain, shifted = Batches(400, 7, "cpu").draw(embedding), Batches(400, 7, "cpu", sigma_shift=3.0).draw(embedding)
+
+    # the map the sampler's scheduler applies to its noise levels (its 1000 training sigmas, unshifted and at 3) ...
+    def moved(sigma):
+        return 3 * sigma / (1 + 2 * sigma)
+
+    torch.testing.assert_close(scheduler(3.0).sigmas.double(), moved(scheduler(1.0).sigmas.double()))
+    # ... applied to the same draws
+    s = plain.timesteps.double() / 1000
+    torch.testing.assert_close(shifted.timesteps.double() / 1000, moved(s), rtol=1e-6, atol=1e-6)
+    assert torch.equal(plain.velocity, shifted.velocity)  # same videos and noise, other sigma
+    assert float((s > 0.9).float().mean()) < 0.05 < 0.1 < float((shifted.timesteps > 900).float().mean())
+    for bad in (0.5, float("inf"), True):
+        with pytest.raises(ValueError, match="`sigma_shift` must be a finite float >= 1"):
+            Batches(2, 0, "cpu", sigma_shift=bad)
+
+
 def test_fit_minimises_the_loss_and_checks_its_arguments():
     from sagesla.embedded.training import fit
 
@@ -312,7 +335,9 @@ def test_shipped_weights_load_and_the_shipped_finetune_fits_them():
 
     model, embed = load(WEIGHTS, "cpu")
     with safe_open(WEIGHTS, "pt") as f:
-        assert f.metadata()["steps"] == "3000" and WEIGHTS.stat().st_size <= 25 * 2**20
+        metadata = f.metadata()
+    assert (metadata["steps"], metadata["text_dropout"], metadata["sigma_shift"]) == ("8800", "0.1", "3.0")
+    assert WEIGHTS.stat().st_size <= 25 * 2**20
     record = finetuned.read(finetuned.SLA_WEIGHTS)
     assert (record.topk, record.train, record.objective, record.steps) == (0.1, "attention", "distill", 1200)
     sagesla.patch(model, topk=record.topk, block_q=record.block_q, block_k=record.block_k)

@@ -51,19 +51,33 @@ class NoisyBatch:
 
 class Batches:
     """Fresh batches, reproducible from ``seed``: ``batch`` prompts drawn uniformly from ``PROMPTS``, their videos
-    rendered on ``device`` with random placement, radius and speed, sigma drawn from a logit-normal; with
-    ``text_dropout`` p, each sample's text embedding is zeroed (the null prompt) with probability p, so the model
-    also learns the unconditional velocity that classifier-free guidance needs (``denoise(..., guidance=)``).
+    rendered on ``device`` with random placement, radius and speed, sigma drawn from a logit-normal moved by
+    ``sigma_shift`` (``shift * s / (1 + (shift - 1) * s)``, the map the sampler's scheduler applies to its timesteps:
+    with the sampler's shift, training sees noise levels as often as sampling visits them; at 1 the plain
+    logit-normal, whose sigma > 0.9 has 1.4 % of the draws, while the sampler at shift 3 spends 4 of 10 steps there,
+    where a video's layout and motion are decided). With ``text_dropout`` p, each sample's text embedding is zeroed
+    (the null prompt) with probability p, so the model also learns the unconditional velocity that classifier-free
+    guidance needs (``denoise(..., guidance=)``).
 
     Raises:
-        ValueError: ``batch`` is not a positive int or ``text_dropout`` not in [0, 1).
+        ValueError: ``batch`` is not a positive int, ``text_dropout`` not in [0, 1) or ``sigma_shift`` not >= 1.
     """
 
-    def __init__(self, batch: int, seed: int, device: str | torch.device, text_dropout: float = 0.0):
+    def __init__(
+        self,
+        batch: int,
+        seed: int,
+        device: str | torch.device,
+        text_dropout: float = 0.0,
+        sigma_shift: float = 1.0,
+    ):
         _check_positive("batch", batch, int)
         if not validation.is_number(text_dropout) or not 0 <= text_dropout < 1:
             raise ValueError(f"`text_dropout` must be a float in [0, 1), got {text_dropout!r}")
+        if not validation.is_number(sigma_shift) or not 1 <= sigma_shift < float("inf"):
+            raise ValueError(f"`sigma_shift` must be a finite float >= 1 (1: no shift), got {sigma_shift!r}")
         self.batch, self.device, self.text_dropout = batch, torch.device(device), float(text_dropout)
+        self.sigma_shift = float(sigma_shift)
         self._picker = random.Random(seed)
         self._generator = torch.Generator(self.device).manual_seed(seed)
 
@@ -73,6 +87,7 @@ class Batches:
         x0 = to_latent(render(prompts, generator=self._generator, device=self.device))
         noise = torch.randn(x0.shape, generator=self._generator, device=self.device)
         sigma = torch.sigmoid(torch.randn(self.batch, generator=self._generator, device=self.device))
+        sigma = self.sigma_shift * sigma / (1 + (self.sigma_shift - 1) * sigma)
         weight = sigma[:, None, None, None, None]
         text = embedding(prompts)
         if self.text_dropout:  # no draw at 0, so batches without dropout stay as they were
