@@ -155,7 +155,7 @@ def kv_stats_kernel(
                 # phi rounded to V's dtype once, for both products: the normaliser sums the values the state weighs,
                 # and one shared operand costs less than a high/low split (tests: within TOL_KV_STATE of fp32).
                 b_phi = tl.where(m_t[:, None], feature_map(b_k.to(tl.float32), m_d, FEATURE), 0.0).to(b_v.dtype)
-                a_ksum += dot(tl.trans(b_phi), ones, IS_INTERPRET)
+                a_ksum += dot(tl.trans(b_phi), ones.to(b_phi.dtype), IS_INTERPRET)
                 b_kv += dot(tl.trans(b_phi), b_v, IS_INTERPRET)
     i_out = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
     tl.store(k_sum + i_out * DP + o_d, tl.reduce(a_sum, 1, _max_keep_nan))
@@ -219,7 +219,7 @@ def kv_stats(
     programs: int = 528,
     min_chunk: int = 1536,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> KVStats:
     """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
 
