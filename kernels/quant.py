@@ -229,8 +229,8 @@ def kv_stats(
         feature_map: phi of the linear branch, or None to skip its state.
         programs, min_chunk, num_warps, num_stages: launch shape: token chunks x heads programs, up to about
             ``programs`` of them with chunks of at least ``min_chunk`` tokens (each chunk's partial state, DP x DP
-            fp32, is written and summed afterwards). The defaults measured best on an H100 at the Wan shapes
-            (benchmarks/README.md): 264 programs of 1490 tokens at B1 H12 L32760, 520 of 5816 at B1 H40 L75600.
+            fp32, is written and summed afterwards). The defaults come from H100 sweeps at the Wan shapes
+            (benchmarks/README.md): 264 programs of 1504 tokens at B1 H12 L32760, 560 of 5408 at B1 H40 L75600.
     Returns:
         KVStats as the reference (fp32, unpadded).
     """

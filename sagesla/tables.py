@@ -45,11 +45,23 @@ def run_header(device_name: str, **extra: object) -> dict[str, object]:
     }
 
 
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a reader sees the
+    old file or the whole new one, never a part."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_report(stem: pathlib.Path, header: dict, payload: dict, markdown: str) -> None:
-    """``stem.json`` (header + payload) and ``stem.md`` (header as a list, then ``markdown``); dots in the stem's
-    name (``...-wan2.1-1.3b``) stay."""
+    """``stem.json`` (header + payload) and ``stem.md`` (header as a list, then ``markdown``), each atomically; dots
+    in the stem's name (``...-wan2.1-1.3b``) stay."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_name(stem.name + ".json").write_text(json.dumps({**header, **payload}, indent=1))
-    stem.with_name(stem.name + ".md").write_text(
-        "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + markdown + "\n"
+    write_text_atomic(stem.with_name(stem.name + ".json"), json.dumps({**header, **payload}, indent=1))
+    write_text_atomic(
+        stem.with_name(stem.name + ".md"),
+        "\n".join(f"- {k}: {v}" for k, v in header.items()) + "\n\n" + markdown + "\n",
     )

@@ -29,7 +29,7 @@ from sagesla.embedded import finetuned
 from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.videos import from_latent
 from sagesla.functional import SLA_BLOCK_SIZES
-from sagesla.tables import markdown_table
+from sagesla.tables import markdown_table, run_header, write_text_atomic
 
 DEMO_PROMPTS = ("red circle moves right", "blue square moves up", "yellow circle moves left")
 CALIBRATED = "SageSLA, calibrated"
@@ -255,16 +255,18 @@ def run_video_demo(
         for prompt, d, s in zip(prompts, dense, calibrated, strict=True)
     ]
     _write_pictures(out, [dense, calibrated] + ([runs[FINETUNED][1]] if finetune is not None else []))
-    report = {
-        "trained_weights": weights is not None,
-        "steps": steps,
-        "guidance": guidance,
-        "budget": budget,
-        "finetune": None if finetune is None else asdict(finetune),
-        "results": [asdict(r) for r in results],
-        "variants": [asdict(v) for v in variants],
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    device_name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
+    report = run_header(
+        device_name,
+        trained_weights=weights is not None,
+        steps=steps,
+        guidance=guidance,
+        budget=budget,
+        finetune=None if finetune is None else asdict(finetune),
+        results=[asdict(r) for r in results],
+        variants=[asdict(v) for v in variants],
+    )
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     return VideoDemo(results, variants, weights is not None, finetune)
 
 
