@@ -1,11 +1,12 @@
-"""Compile the trainable SLA's Triton kernels for a GPU architecture on a machine without a GPU.
+"""Compile the Triton kernels (inference pipeline and trainable SLA) for a GPU architecture without a GPU.
 
 Usage:
     python scripts/compile_check.py [--arch 90] [--head-dims 64 128] [--length 4095] [--dtype bfloat16]
 
 Runs the launchers on CPU tensors with the interpreter off and every kernel launch replaced by
 ``triton.compile`` for ``cuda:<arch>`` (the wheel's own ptxas), then prints each variant's registers, spill stack
-and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fails here, before a GPU is involved;
+and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fails here, before a GPU is involved
+(the interpreter cannot see such errors, e.g. ``tl.dot`` operands of two dtypes, which its fp32 dots accept);
 spills (STACK > 0) on the default path are a performance bug. Pointer and stride arguments are assumed 16-byte
 aligned, as they are for contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0), put its wheel
 first on PYTHONPATH.
@@ -26,6 +27,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state  # noqa: E402
+from sagesla.kernels.quant import kv_stats  # noqa: E402
+from sagesla.kernels.sla import sla_forward  # noqa: E402
 from sagesla.kernels.sparse_attn_train import sparse_attn_train_bwd, sparse_attn_train_fwd  # noqa: E402
 
 TYPES = {
@@ -36,6 +39,7 @@ TYPES = {
     torch.int64: "i64",
     torch.uint8: "u8",
     torch.int8: "i8",
+    torch.float8_e4m3fn: "fp8e4nv",
 }
 
 
@@ -92,10 +96,35 @@ def install_compiler(arch: int) -> None:
     JITFunction.__getitem__ = getitem
 
 
+def check_inference(head_dim: int, length: int, dtype: torch.dtype) -> None:
+    """Launch the SageSLA forward's kernels once per P.V precision, with and without the linear branch."""
+    q = k = v = out = torch.zeros(1, 2, length, head_dim, dtype=dtype)
+    weight, bias = torch.zeros(head_dim, head_dim), torch.zeros(head_dim)
+    for pv_precision in ("fp8", "half"):
+        for proj in ((weight, bias), (None, None)):
+            sla_forward(
+                q,
+                k,
+                v,
+                topk=0.1,
+                block_q=64,
+                block_k=128,
+                sm_scale=0.1,
+                quantized=True,
+                pv_precision=pv_precision,
+                feature_map="softmax",
+                linear_scope="all",
+                proj_weight=proj[0],
+                proj_bias=proj[1],
+                out=out,
+            )
+
+
 def check(head_dim: int, length: int, dtype: torch.dtype) -> None:
     """Launch every variant of the training kernels once (scopes none, bias only, all, complement)."""
     bq = bk = 64
     q = k = v = out = torch.zeros(1, 2, length, head_dim, dtype=dtype)
+    kv_stats(k, v, False, "softmax")  # the training forward's K/V reduction (no V maxima)
     lut = torch.zeros(1, 2, triton.cdiv(length, bq), 3, dtype=torch.int32)
     weight, bias = torch.zeros(head_dim, head_dim), torch.zeros(head_dim)
     state = linear_state(torch.zeros(1, 2, head_dim, head_dim), torch.zeros(1, 2, head_dim), weight)
@@ -119,11 +148,15 @@ def main() -> None:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--length", type=int, default=4095, help="L (odd: the masked-tail variants)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"), help="compute dtype")
+    parser.add_argument("--only", choices=("inference", "training"), help="one kernel family (default: both)")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, cuda:{args.arch}, {args.dtype}")
     install_compiler(args.arch)
     for head_dim in args.head_dims:
-        check(head_dim, args.length, getattr(torch, args.dtype))
+        if args.only != "training":
+            check_inference(head_dim, args.length, getattr(torch, args.dtype))
+        if args.only != "inference":
+            check(head_dim, args.length, getattr(torch, args.dtype))
 
 
 if __name__ == "__main__":
