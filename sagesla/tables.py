@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 from collections.abc import Sequence
 
+from sagesla.files import write_text_atomic
+
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Render rows (already formatted or plain values) under headers, columns padded to align."""
@@ -43,17 +45,6 @@ def run_header(device_name: str, **extra: object) -> dict[str, object]:
         "date": datetime.date.today().isoformat(),
         **extra,
     }
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a reader sees the
-    old file or the whole new one, never a part."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_report(stem: pathlib.Path, header: dict, payload: dict, markdown: str) -> None:

@@ -8,7 +8,6 @@ Keys: ours are the model's own state-dict names, ``blocks.{i}.attn1.sla.proj_l.w
 import hashlib
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from sagesla import validation
+from sagesla.files import write_atomic
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
 
 # The attribute of a patched layer holding its SLA module (so its keys read ``...attn1.sla.proj_l.weight``).
@@ -253,24 +253,6 @@ def save_sla_weights(model: nn.Module, path: str | os.PathLike, metadata: Mappin
 
 
 def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file that appears complete or not at all, even across a crash.
-
-    The file is written beside ``path`` under a temporary name, flushed to disk, then renamed over it
-    (``os.replace`` is atomic on one file system); on any failure the temporary file is removed and an existing
-    ``path`` is left as it was. It gets the mode a plain ``open`` would give (0666 less the umask).
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    # A fresh file (O_EXCL) with mode 0666 less the umask, as open() gives it.
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    mode = temporary.stat().st_mode
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        # save_file leaves it 0600 (unreadable to a group sharing the model folder): give the mode back.
-        os.chmod(temporary, mode)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write a safetensors file that appears complete or not at all, even across a crash (``files.write_atomic``:
+    an existing ``path`` is left as it was on any failure; mode 0666 less the umask)."""
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
