@@ -20,8 +20,7 @@ def _is_patched(model: nn.Module) -> bool:
 
 
 def _record_steps(steps: int, record_steps: Sequence[int] | None) -> list[int]:
-    if not validation.is_number(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive int, got {steps!r}")
+    validation.check_positive("steps", steps)
     chosen = list(range(steps)) if record_steps is None else sorted(set(record_steps))
     if not chosen or any(not validation.is_number(i, int) or not 0 <= i < steps for i in chosen):
         raise ValueError(f"`record_steps` must be step indices in [0, {steps}), got {record_steps!r}")

@@ -30,8 +30,7 @@ class _SLABase(nn.Module):
         pv_precision: str,
     ):
         super().__init__()
-        if not validation.is_number(head_dim, int) or head_dim < 1:
-            raise ValueError(f"`head_dim` must be a positive int, got {head_dim!r}")
+        validation.check_positive("head_dim", head_dim)
         self.topk = validation.check_topk(topk)
         validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
         validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)

@@ -43,6 +43,12 @@ def check_bool(name: str, value: object) -> None:
         raise TypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
 
 
+def check_positive(name: str, value: object, kind: type = int) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a ``kind`` (int or float, not bool) above zero."""
+    if not is_number(value, kind) or not value > 0:
+        raise ValueError(f"`{name}` must be a positive {kind.__name__}, got {value!r}")
+
+
 def check_block_size(name: str, value: object) -> None:
     if not is_number(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int (rows per block), got {value!r}")

@@ -27,11 +27,6 @@ def running_loss(losses: list[float]) -> float:
     return sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])
 
 
-def _check_positive(name: str, value: object, kind: type) -> None:
-    if not validation.is_number(value, kind) or not value > 0:
-        raise ValueError(f"`{name}` must be a positive {kind.__name__}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class NoisyBatch:
     """One training batch.
@@ -71,7 +66,7 @@ class Batches:
         text_dropout: float = 0.0,
         sigma_shift: float = 1.0,
     ):
-        _check_positive("batch", batch, int)
+        validation.check_positive("batch", batch)
         if not validation.is_number(text_dropout) or not 0 <= text_dropout < 1:
             raise ValueError(f"`text_dropout` must be a float in [0, 1), got {text_dropout!r}")
         if not validation.is_number(sigma_shift) or not 1 <= sigma_shift < float("inf"):
@@ -152,9 +147,9 @@ def fit(loss: Callable[[], torch.Tensor], groups: list[dict], steps: int, device
     """
     from tqdm import tqdm
 
-    _check_positive("steps", steps, int)
+    validation.check_positive("steps", steps)
     for group in groups:
-        _check_positive("lr", group["lr"], float)
+        validation.check_positive("lr", group["lr"], float)
     parameters = [parameter for group in groups for parameter in group["params"]]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
