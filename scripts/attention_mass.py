@@ -49,13 +49,13 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block: int, topk: float) -> tup
 
 
 @contextlib.contextmanager
-def self_attention_calls(length: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Inside the block, every ``F.scaled_dot_product_attention`` call over ``length`` queries and keys appends its
-    (q, k) [B, H, L, D] to the yielded list (cross-attention, with other key counts, is left out)."""
+def self_attention_calls() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside the block, every ``F.scaled_dot_product_attention`` call with as many keys as queries appends its
+    (q, k) [B, H, L, D] to the yielded list (cross-attention, over the 4 text tokens, is left out)."""
     calls, sdpa = [], F.scaled_dot_product_attention
 
     def spy(query, key, *args, **kwargs):
-        if query.shape[-2] == key.shape[-2] == length:
+        if query.shape[-2] == key.shape[-2]:
             calls.append((query.detach(), key.detach()))
         return sdpa(query, key, *args, **kwargs)
 
@@ -75,10 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     model, embed = load(args.weights, "cpu")
     noise = torch.randn(len(DEMO_PROMPTS), *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
-    tokens = LATENT_SHAPE[1] * LATENT_SHAPE[2] * LATENT_SHAPE[3] // 4  # patch 1 x 2 x 2
     layers = len(model.blocks)
-    with torch.no_grad(), self_attention_calls(tokens) as calls:
+    with torch.no_grad(), self_attention_calls() as calls:
         denoise(model, noise, embed(list(DEMO_PROMPTS)), args.steps)
+    tokens = calls[0][0].shape[-2]
     print(
         f"{len(calls)} self-attention calls ({layers} layers x {args.steps} steps), {tokens} tokens, block {args.block}"
     )

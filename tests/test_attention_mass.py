@@ -49,10 +49,10 @@ def test_block_mass_finds_concentrated_attention(script):
     assert chosen == pytest.approx(1.0, abs=1e-6) and best == pytest.approx(1.0, abs=1e-6)
 
 
-def test_self_attention_calls_records_only_the_given_length_and_restores_sdpa(script):
+def test_self_attention_calls_records_only_self_attention_and_restores_sdpa(script):
     sdpa = F.scaled_dot_product_attention
     q, k = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 4, 8)
-    with script["self_attention_calls"](16) as calls:
+    with script["self_attention_calls"]() as calls:
         F.scaled_dot_product_attention(q, q, q)
         F.scaled_dot_product_attention(query=q, key=k, value=k)  # cross-attention: other key count
     assert len(calls) == 1 and torch.equal(calls[0][0], q) and F.scaled_dot_product_attention is sdpa
