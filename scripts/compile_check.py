@@ -25,7 +25,9 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
+from sagesla.kernels import sparse_attn  # noqa: E402
 from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state  # noqa: E402
 from sagesla.kernels.quant import kv_stats  # noqa: E402
 from sagesla.kernels.sla import sla_forward  # noqa: E402
@@ -53,6 +55,9 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, di
         if param.is_constexpr:
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
+        elif isinstance(value, TensorDescriptor):
+            block = ", ".join(map(str, value.block_shape))
+            signature[param.name] = f"tensordesc<{TYPES[value.base.dtype]}[{block}]>"
         elif isinstance(value, torch.Tensor):
             signature[param.name] = "*" + TYPES[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -80,20 +85,23 @@ def install_compiler(arch: int) -> None:
     """Make every ``kernel[grid](...)`` compile for ``cuda:arch`` and print its resource use instead of running."""
 
     def getitem(kernel: JITFunction, grid):
-        def launch(*args, num_warps=4, num_stages=3, **kwargs):
+        def launch(*args, num_warps=4, num_stages=3, maxnreg=None, **kwargs):
             signature, constexprs, attrs = _signature(kernel, args, kwargs)
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-            options = {"num_warps": num_warps, "num_stages": num_stages}
+            options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg}
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
             flags = " ".join(k for k, v in constexprs.items() if v is True)
             print(
                 f"{kernel.fn.__name__:26s} DP={constexprs.get('DP')} warps={num_warps} stages={num_stages} "
+                f"{f'maxnreg={maxnreg} ' if maxnreg else ''}"
                 f"{_usage(compiled.asm['cubin'])} smem={compiled.metadata.shared} {flags}"
             )
 
         return launch
 
     JITFunction.__getitem__ = getitem
+    # launch options chosen per device (e.g. the sparse kernel's register cap) follow the target architecture
+    sparse_attn.device_capability = lambda device: divmod(arch, 10)
 
 
 def check_inference(head_dim: int, length: int, dtype: torch.dtype) -> None:
