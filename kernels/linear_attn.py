@@ -244,18 +244,25 @@ class LinearState(NamedTuple):
     w: torch.Tensor
 
 
+def folded_state(kv: torch.Tensor, ksum: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernels' linear operands: ``S W^T`` [..., DP, DP] bf16 and ``z`` [..., DP] fp32, zero-padded to DP.
+
+    kv: [..., D, D] = S, ksum: [..., D] = z (``kv_stats``), weight: ``proj_l.weight`` [D, D].
+    """
+    extra = padded_head_dim(kv.shape[-1]) - kv.shape[-1]
+    kvw = (kv.float() @ weight.float().t()).to(torch.bfloat16)
+    z = ksum.float()
+    if extra:
+        kvw, z = F.pad(kvw, (0, extra, 0, extra)), F.pad(z, (0, extra))
+    return kvw.contiguous(), z.contiguous()
+
+
 def linear_state(kv: torch.Tensor, ksum: torch.Tensor, weight: torch.Tensor) -> LinearState:
     """From S = kv [B, H, D, D], z = ksum [B, H, D] (``kv_stats``) and ``proj_l.weight`` [D, D]."""
-    D = kv.shape[-1]
-    extra = padded_head_dim(D) - D
+    extra = padded_head_dim(kv.shape[-1]) - kv.shape[-1]
     kv = kv.float().flatten(0, 1)
-    w = weight.float()
-    return LinearState(
-        kv,
-        F.pad(kv @ w.t(), (0, extra, 0, extra)).to(torch.bfloat16).contiguous(),
-        F.pad(ksum.float().flatten(0, 1), (0, extra)).contiguous(),
-        F.pad(w, (0, extra, 0, extra)).to(torch.bfloat16).contiguous(),
-    )
+    kvw, z = folded_state(kv, ksum.flatten(0, 1), weight)
+    return LinearState(kv, kvw, z, F.pad(weight.float(), (0, extra, 0, extra)).to(torch.bfloat16).contiguous())
 
 
 class LinearGrads(NamedTuple):

@@ -167,6 +167,53 @@ def kv_stats_kernel(
 
 
 @triton.jit
+def kv_stats_finish_kernel(
+    k_sum,
+    v_amax,
+    kv,
+    ksum,
+    k_mean_out,
+    v_amax_out,
+    kv_out,
+    ksum_out,
+    L,
+    C,
+    D: tl.constexpr,
+    DP: tl.constexpr,
+    RB: tl.constexpr,
+    V_AMAX: tl.constexpr,
+    HAS_LINEAR: tl.constexpr,
+):
+    """Sums (V: maxima) of ``kv_stats_kernel``'s C partials per head: RB rows of the state and the same RB channels
+    of each vector statistic per program; outputs unpadded ([B*H, D] vectors, [B*H, D, D] state)."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1)
+    o_r = i_r * RB + tl.arange(0, RB)
+    o_d = tl.arange(0, DP)
+    a_sum = tl.zeros([RB], dtype=tl.float32)
+    a_amax = tl.zeros([RB], dtype=tl.float32)
+    a_ksum = tl.zeros([RB], dtype=tl.float32)
+    # [RB, DP]
+    a_kv = tl.zeros([RB, DP], dtype=tl.float32)
+    for c in tl.range(0, C):
+        i_part = i_bh.to(tl.int64) * C + c
+        a_sum += tl.load(k_sum + i_part * DP + o_r)
+        if V_AMAX:
+            a_amax = _max_keep_nan(a_amax, tl.load(v_amax + i_part * DP + o_r))
+        if HAS_LINEAR:
+            a_ksum += tl.load(ksum + i_part * DP + o_r)
+            a_kv += tl.load(kv + (i_part * DP + o_r[:, None]) * DP + o_d[None, :])
+    m_r = o_r < D
+    p_vec = i_bh.to(tl.int64) * D + o_r
+    tl.store(k_mean_out + p_vec, a_sum / L, mask=m_r)
+    if V_AMAX:
+        tl.store(v_amax_out + p_vec, a_amax, mask=m_r)
+    if HAS_LINEAR:
+        tl.store(ksum_out + p_vec, a_ksum, mask=m_r)
+        p_kv = kv_out + (i_bh.to(tl.int64) * D + o_r[:, None]) * D + o_d[None, :]
+        tl.store(p_kv, a_kv, mask=m_r[:, None] & (o_d < D)[None, :])
+
+
+@triton.jit
 def quant_v_fp8_kernel(
     v,
     s_vb,
@@ -216,7 +263,7 @@ def kv_stats(
     v_amax: bool,
     feature_map: str | None,
     *,
-    programs: int = 528,
+    programs: int = 1056,
     min_chunk: int = 1536,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -230,7 +277,8 @@ def kv_stats(
         programs, min_chunk, num_warps, num_stages: launch shape: token chunks x heads programs, up to about
             ``programs`` of them with chunks of at least ``min_chunk`` tokens (each chunk's partial state, DP x DP
             fp32, is written and summed afterwards). The defaults come from H100 sweeps at the Wan shapes
-            (benchmarks/README.md): 264 programs of 1504 tokens at B1 H12 L32760, 560 of 5408 at B1 H40 L75600.
+            (benchmarks/README.md): 264 programs of 1504 tokens at B1 H12 L32760, 1080 of 2816 at B1 H40 L75600
+            (there 0.84 -> 0.76 ms against 560 programs).
     Returns:
         KVStats as the reference (fp32, unpadded).
     """
@@ -264,12 +312,30 @@ def kv_stats(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return KVStats(
-        k_sum[..., :D].sum(dim=2, keepdim=True) / L,
-        amax[..., :D].amax(dim=2) if v_amax else None,
-        kv[..., :D, :D].sum(dim=2) if linear else None,
-        ksum[..., :D].sum(dim=2) if linear else None,
+    k_mean = torch.empty(B, H, 1, D, device=k.device, dtype=torch.float32)
+    out_amax = torch.empty(B, H, D, device=k.device, dtype=torch.float32) if v_amax else None
+    out_ksum = torch.empty(B, H, D, device=k.device, dtype=torch.float32) if linear else None
+    out_kv = torch.empty(B, H, D, D, device=k.device, dtype=torch.float32) if linear else None
+    # One launch for the partials' sums (H100, B1 H12 L32760: 0.036 ms as five torch reductions).
+    rows = 16
+    kv_stats_finish_kernel[(DP // rows, B * H)](
+        k_sum,
+        amax,
+        kv,
+        ksum,
+        k_mean,
+        k_mean if out_amax is None else out_amax,
+        k_mean if out_kv is None else out_kv,
+        k_mean if out_ksum is None else out_ksum,
+        L,
+        chunks,
+        D=D,
+        DP=DP,
+        RB=rows,
+        V_AMAX=v_amax,
+        HAS_LINEAR=linear,
     )
+    return KVStats(k_mean, out_amax, out_kv, out_ksum)
 
 
 def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor | None):
@@ -325,7 +391,9 @@ def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tu
         v_fp8t [B, H, DP, padded_length] float8_e4m3fn and v_scale [B, H, D] fp32.
     """
     B, H, L, D = v.shape
-    DP, BT = padded_head_dim(D), 64
+    DP = padded_head_dim(D)
+    # H100, B1 H12 L32760 D128: 128-token tiles 0.061 ms, 64 0.067 (B1 H40 L75600: 0.390, 0.422).
+    BT = 128 if DP <= 128 else 64
     scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
     v_fp8t = torch.empty(B, H, DP, padded_length, device=v.device, dtype=FP8_DTYPE)
     quant_v_fp8_kernel[(triton.cdiv(padded_length, BT), B * H)](

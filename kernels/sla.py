@@ -6,10 +6,9 @@ torch ops fold ``proj_l`` into the linear state. No host synchronisation and no 
 """
 
 import torch
-import torch.nn.functional as F
 
-from sagesla.kernels._triton_utils import padded_head_dim
 from sagesla.kernels.block_select import select_blocks
+from sagesla.kernels.linear_attn import folded_state
 from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
@@ -43,8 +42,6 @@ def sla_forward(
     if not quantized or linear_scope != "all":
         raise NotImplementedError("the Triton pipeline serves quantized attention with linear_scope='all'")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    D = q.shape[-1]
-    DP = padded_head_dim(D)
     pv_fp8 = pv_precision == "fp8"
     linear = proj_weight is not None
     stats = kv_stats(k, v, pv_fp8, feature_map if linear else None)
@@ -56,8 +53,7 @@ def sla_forward(
         v_in, v_scale = v, None
     fused = None
     if linear:
-        kvw = F.pad(stats.kv @ proj_weight.float().t(), (0, DP - D, 0, DP - D)).to(torch.bfloat16).contiguous()
-        ksum = F.pad(stats.ksum, (0, DP - D)).contiguous()
+        kvw, ksum = folded_state(stats.kv, stats.ksum, proj_weight)
         bias = None if proj_bias is None else proj_bias.float().contiguous()
         fused = (q, kvw, ksum, bias)
     sparse_attn_fwd(

@@ -45,7 +45,7 @@ TOPKS = (0.05, 0.1, 0.2)
 # (num_warps, num_stages) of the sparse kernel tried at topk 0.05 with --sweep.
 SWEEP = ((4, 2), (4, 1), (8, 1))
 # (programs, num_warps, num_stages) of kv_stats tried with --sweep.
-KV_SWEEP = ((528, 4, 2), (264, 4, 2), (528, 4, 3), (528, 2, 2))
+KV_SWEEP = ((1056, 4, 3), (528, 4, 3), (2112, 4, 3), (1056, 4, 2))
 # (num_warps, num_stages) of each trainable-SLA kernel tried with --sweep (defaults: sparse_attn_train.LAUNCH).
 TRAIN_SWEEP = ((4, 2), (4, 3), (8, 2), (8, 3))
 TRAIN_SWEEP_KEYS = tuple(f" w{w}s{s}" for w, s in TRAIN_SWEEP)
