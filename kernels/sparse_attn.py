@@ -242,6 +242,9 @@ def sparse_attn_fwd(
     pv_fp8 = v_scale is not None
     options = _launch_options(device_capability(out.device), block_q, DP, pv_fp8)
     options.update({name: x for name, x in (("num_warps", num_warps), ("num_stages", num_stages)) if x is not None})
+    if B * H * NK * block_k >= 2**31:
+        # TMA coordinates are int32 (2^31 key rows of INT8 K would be 64 GiB at D 32: no GPU holds such inputs).
+        raise NotImplementedError(f"sparse_attn_fwd: {B * H * NK * block_k} key rows exceed 2^31 - 1")
     k_desc = _descriptor(k_int8.view(-1, DP), [block_k, DP])
     # bf16 P.V reads the caller's V through pointers; the descriptor argument is then a placeholder.
     v_desc = _descriptor(v.view(-1, NK * block_k), [DP, block_k]) if pv_fp8 else k_desc

@@ -167,6 +167,18 @@ def test_sparse_attn_fp8_huge_scores_do_not_saturate(shape, bq, bk, scale):
     assert_close(f"sparse_attn_fwd[fp8] x{scale:.0e}", ref, out.float(), TOL_KERNEL_FP8)
 
 
+def test_sparse_attn_refuses_more_key_rows_than_tma_coordinates_hold():
+    """K is read through TMA descriptors with int32 row coordinates: 2^31 key rows raise instead of wrapping."""
+    meta = {"device": "meta"}
+    nk, bk = 2**31 // 128, 128
+    k_int8 = torch.empty(1, 1, nk * bk, 32, dtype=torch.int8, **meta)
+    k_scale = torch.empty(1, 1, nk, **meta)
+    out = torch.empty(1, 1, nk * bk, 32, dtype=torch.bfloat16, **meta)
+    lut = torch.empty(1, 1, 1, 1, dtype=torch.int32, **meta)
+    with pytest.raises(NotImplementedError, match="2147483648 key rows exceed"):
+        sparse_attn_fwd(k_int8, k_scale, k_int8, k_scale, out, None, lut, bk, bk, out)
+
+
 @pytest.mark.parametrize("pv", ["fp8", "half"])
 @pytest.mark.parametrize("feature", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
