@@ -46,14 +46,20 @@ def select_blocks_kernel(
     # NaN ranks below every real score, -inf padding below that: S <= NK real blocks always win.
     b_s = tl.where(b_s == b_s, tl.minimum(tl.maximum(b_s, -3.0e38), 3.0e38), -3.0e38)
     b_key = _order_preserving_int(tl.where(m_j, b_s, float("-inf")))
-    # T = max{t : #(key >= t) >= S}, decided bit by bit from the top (sign bit first: is T >= 0?).
+    # T = max{t : #(key >= t) >= S}, decided bit by bit from the top (sign bit first: is T >= 0?). b_n counts the
+    # keys at or above the bits decided so far; once every row has exactly S there, those are its S largest
+    # whatever the remaining bits, and the search stops (random fp32 scores: after about half the 32 rounds).
     b_t = tl.full([BQT], -2147483648, dtype=tl.int32)
     b_n = tl.sum((b_key >= 0).to(tl.int32), axis=1)
     b_t = tl.where(b_n >= S, 0, b_t)
-    for bit in tl.static_range(30, -1, -1):
+    b_n = tl.where(b_n >= S, b_n, NKP)
+    bit = 30
+    while (bit >= 0) & (tl.max(b_n, axis=0) > S):
         b_cand = b_t + (1 << bit)
-        b_n = tl.sum((b_key >= b_cand[:, None]).to(tl.int32), axis=1)
-        b_t = tl.where(b_n >= S, b_cand, b_t)
+        b_count = tl.sum((b_key >= b_cand[:, None]).to(tl.int32), axis=1)
+        b_t = tl.where(b_count >= S, b_cand, b_t)
+        b_n = tl.where(b_count >= S, b_count, b_n)
+        bit -= 1
     b_above = b_key > b_t[:, None]
     b_tie = b_key == b_t[:, None]
     b_room = S - tl.sum(b_above.to(tl.int32), axis=1)
