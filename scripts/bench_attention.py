@@ -4,8 +4,10 @@ Usage:
     python scripts/bench_attention.py [--out-dir benchmarks/results] [--quick]
 
 Prints a markdown table and writes ``<out-dir>/<gpu>-attention.{json,md}``. Timings are medians of
-``triton.testing.do_bench`` after warm-up, on one card in one run; TFLOP/s-eq = 4*B*H*L^2*D / time for a forward
-and 3.5 times that for forward+backward (the backward as 2.5 forwards, FlashAttention's count).
+``triton.testing.do_bench`` after warm-up, on one card in one run (the inference stage table's times, and its
+second total, are medians of CUDA-graph replays: GPU time without Python's launch overhead);
+TFLOP/s-eq = 4*B*H*L^2*D / time for a forward and 3.5 times that for forward+backward (the backward as 2.5
+forwards, FlashAttention's count).
 Accuracy (rel-L1, cosine) is measured at L=8192 with the same H, D against a float32 dense reference masked to
 the same block selection, with a random ``proj_l`` of std 0.02 (anchors.md's setup). For the trainable SLA
 (unquantized, blocks 64 x 64, the module's default) the forward+backward rows report the worst rel-L1 and cosine
