@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sagesla import metrics, sparse_linear_attn
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
+from sagesla.kernels.linear_attn import folded_state, linear_attn_bwd_q, linear_state
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
 from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
 from sagesla.kernels.quant_ref import LOG2E
@@ -131,8 +131,7 @@ def stages(q, k, v, topk, pv, proj, blocks, sweep=False):
     lut = select_blocks(qk.q_pool, qk.k_pool, topk)
     v_in, v_scale = quant_v_fp8(v, st.v_amax, qk.k_int8.shape[2]) if pv_fp8 else (v, None)
     out = torch.empty_like(q)
-    kvw = (st.kv @ w.t()).to(torch.bfloat16).contiguous()
-    lin = (q, kvw, st.ksum.contiguous(), bias)
+    lin = (q, *folded_state(st.kv, st.ksum, w), bias)
 
     def prep():
         s = kv_stats(k, v, pv_fp8, "softmax")
