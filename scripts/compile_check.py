@@ -8,7 +8,9 @@ Runs the launchers on CPU tensors with the interpreter off and every kernel laun
 and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fails here, before a GPU is involved
 (the interpreter cannot see such errors, e.g. ``tl.dot`` operands of two dtypes, which its fp32 dots accept);
 spills (STACK > 0) on the default path are a performance bug unless they stay outside the hot loop (the FP8
-sparse kernel under Hopper's register cap spills only in its peeled last block). Pointer and stride arguments are
+sparse kernel under Hopper's register cap spills only in its peeled last block). On sm90 it also prints
+``wgmma-serialized:C75xx`` when ptxas makes each Hopper matrix instruction wait for the previous one (see
+benchmarks/README.md, sixth session: the FP8 sparse kernel is, and runs faster so). Pointer and stride arguments are
 assumed 16-byte aligned, as they are for contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0),
 put its wheel first on PYTHONPATH.
 """
@@ -16,6 +18,7 @@ put its wheel first on PYTHONPATH.
 import argparse
 import os
 import pathlib
+import re
 import subprocess
 import tempfile
 
@@ -82,6 +85,23 @@ def _usage(cubin: bytes) -> str:
     return " ".join(w for w in line.split() if w.startswith(("REG:", "STACK:")))
 
 
+def _wgmma_serialization(ptx: str, arch: int) -> str:
+    """ptxas's notes on serialized Hopper matrix instructions (info C7510-C7519), e.g. C7515 (a non-wgmma
+    instruction writes accumulator registers inside a pipeline stage) or C7512 (too few registers): each wgmma then
+    waits for the previous one. Empty when the kernel has none or the target has no wgmma."""
+    if arch != 90:
+        return ""
+    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = pathlib.Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        log = subprocess.run(
+            [tool, "-arch=sm_90a", "-v", str(src), "-o", str(src.with_suffix(".cubin"))], capture_output=True, text=True
+        ).stderr
+    codes = sorted(set(re.findall(r"\((C751\d)\) Potential Performance Loss: wgmma", log)))
+    return f"wgmma-serialized:{','.join(codes)}" if codes else ""
+
+
 def install_compiler(arch: int) -> None:
     """Make every ``kernel[grid](...)`` compile for ``cuda:arch`` and print its resource use instead of running."""
 
@@ -91,12 +111,16 @@ def install_compiler(arch: int) -> None:
             source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg}
             compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-            flags = " ".join(k for k, v in constexprs.items() if v is True)
-            print(
-                f"{kernel.fn.__name__:26s} DP={constexprs.get('DP')} warps={num_warps} stages={num_stages} "
-                f"{f'maxnreg={maxnreg} ' if maxnreg else ''}"
-                f"{_usage(compiled.asm['cubin'])} smem={compiled.metadata.shared} {flags}"
-            )
+            flags = [k for k, v in constexprs.items() if v is True]
+            fields = [
+                f"{kernel.fn.__name__:26s} DP={constexprs.get('DP')} warps={num_warps} stages={num_stages}",
+                f"maxnreg={maxnreg}" if maxnreg else "",
+                _usage(compiled.asm["cubin"]),
+                f"smem={compiled.metadata.shared}",
+                _wgmma_serialization(compiled.asm["ptx"], arch),
+                *flags,
+            ]
+            print(" ".join(f for f in fields if f))
 
         return launch
 

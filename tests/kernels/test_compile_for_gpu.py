@@ -2,10 +2,12 @@
 
 The interpreter runs the kernels' logic but not the GPU compiler's checks: a ``tl.dot`` of fp16 and bf16 operands
 ran under the interpreter (its dots take fp32) and failed only on the GPU (fourth session). Compiling each launch
-with the wheel's own ptxas catches such errors in CI.
+with the wheel's own ptxas catches such errors in CI. It also reports where ptxas serializes Hopper's matrix
+instructions (a performance note, not an error).
 """
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -38,3 +40,6 @@ def test_kernels_compile_for_sm90(dtype, head_dim, only):
     # Hopper's register cap reaches the compiler for the FP8 sparse kernel only (bf16 P.V spills under it).
     sparse = [line for line in run.stdout.splitlines() if line.startswith("sparse_attn_fwd_kernel")]
     assert sparse and all(("maxnreg=168" in line) == ("PV_FP8" in line) for line in sparse), sparse
+    # ptxas's wgmma serialization notes come through as one field of known codes
+    notes = [word for line in run.stdout.splitlines() for word in line.split() if word.startswith("wgmma")]
+    assert all(re.fullmatch(r"wgmma-serialized:C751\d(,C751\d)*", word) for word in notes), notes
