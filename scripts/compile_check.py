@@ -9,10 +9,10 @@ and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fai
 (the interpreter cannot see such errors, e.g. ``tl.dot`` operands of two dtypes, which its fp32 dots accept);
 spills (STACK > 0) on the default path are a performance bug unless they stay outside the hot loop (the FP8
 sparse kernel under Hopper's register cap spills only in its peeled last block). On sm90 it also prints
-``wgmma-serialized:C75xx`` when ptxas makes each Hopper matrix instruction wait for the previous one (see
-benchmarks/README.md, sixth session: the FP8 sparse kernel is, and runs faster so). Pointer and stride arguments are
-assumed 16-byte aligned, as they are for contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0),
-put its wheel first on PYTHONPATH.
+``wgmma-serialized:C75xx`` when ptxas makes each Hopper matrix instruction wait for the previous one. The FP8
+sparse kernel is serialized and was measured faster so than variants without it (benchmarks/README.md, sixth
+session). Pointer and stride arguments are assumed 16-byte aligned, as they are for contiguous tensors. To check
+another triton (e.g. the GPU image's 3.6.0), put its wheel first on PYTHONPATH.
 """
 
 import argparse
@@ -74,9 +74,14 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, di
     return signature, constexprs, attrs
 
 
+def _wheel_tool(name: str) -> pathlib.Path:
+    """A CUDA binary shipped in the triton wheel (ptxas, cuobjdump): the compiler the kernels are built with."""
+    return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
 def _usage(cubin: bytes) -> str:
     """REG / STACK of a cubin, from the wheel's cuobjdump."""
-    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = _wheel_tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -88,10 +93,11 @@ def _usage(cubin: bytes) -> str:
 def _wgmma_serialization(ptx: str, arch: int) -> str:
     """ptxas's notes on serialized Hopper matrix instructions (info C7510-C7519), e.g. C7515 (a non-wgmma
     instruction writes accumulator registers inside a pipeline stage) or C7512 (too few registers): each wgmma then
-    waits for the previous one. Empty when the kernel has none or the target has no wgmma."""
+    waits for the previous one. Empty when the kernel has none or the target has no wgmma. Runs ptxas a second time
+    on the same PTX: ``triton.compile`` does not return ptxas's log."""
     if arch != 90:
         return ""
-    tool = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tool = _wheel_tool("ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         src = pathlib.Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
