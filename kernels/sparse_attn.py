@@ -5,7 +5,9 @@ One program per (query block, batch * head): Q stays resident as INT8, each sele
 INT8 Q.K^T (scores already in base 2), an online exp2 softmax, and a P.V product in FP8 e4m3 (P shifted so its
 row maximum is just under 448) or in the compute dtype. The epilogue adds ``phi(q) (S W^T) / (1e-5 + phi(q) . z) + b``
 with ``proj_l`` folded into the per-head state once per call. K, FP8 V and the folded state are read through TMA
-descriptors on Hopper (plain loads elsewhere: Triton rewrites them); only the LUT's last block is masked.
+descriptors on Hopper (plain loads elsewhere: Triton rewrites them). With a ragged tail every block's scores go
+through the key mask, so the loop has no peeled iteration and the compiler prefetches every block (the LUT's last
+entry included); the epilogue issues all of its loads before it computes.
 """
 
 import torch
@@ -47,7 +49,7 @@ def _attend_block(
     [BQ, DP]), returned updated. ``keys`` = (K descriptor, the head's first K row, K scales of the head), ``values`` =
     (V^T descriptor, the head's first V^T row, compute-dtype V pointer, its row stride).
 
-    ``MASK`` sets scores of keys >= L to -inf (only the last key block can hold them: the LUT is ascending).
+    ``MASK`` sets scores of keys >= L to -inf (needed when L is not a multiple of BK; only the tail block has any).
     """
     k_desc, k_row, p_ks = keys
     v_desc, v_row, p_v, s_vl = values
@@ -150,33 +152,39 @@ def sparse_attn_fwd_kernel(
         tl.zeros([BQ], dtype=tl.float32),
         tl.zeros([BQ, DP], dtype=tl.float32),
     )
-    # H100, B1 H12 L32760: masking every block cost 12 % of the loop; only the LUT's last entry can be the tail.
-    for s in tl.range(0, S - 1):
+    # The mask is one select per score, on every block when L % BK != 0: peeling the last LUT entry (the only one
+    # that can be the tail) instead left its loads outside the pipelined loop, exposed at the end of every program
+    # (H100, B1 H12 L32760: 0.59 -> 0.54 ms with the epilogue's loads issued first; benchmarks/README.md).
+    for s in tl.range(0, S):
         state = _attend_block(
-            b_q, b_qs, keys, values, tl.load(p_lut + s), state, L, D, DP, BK, PV_FP8, False, IS_INTERPRET
+            b_q, b_qs, keys, values, tl.load(p_lut + s), state, L, D, DP, BK, PV_FP8, not EVEN_L, IS_INTERPRET
         )
-    b_m, b_l, b_acc = _attend_block(
-        b_q, b_qs, keys, values, tl.load(p_lut + S - 1), state, L, D, DP, BK, PV_FP8, not EVEN_L, IS_INTERPRET
-    )
-    b_o = b_acc / b_l[:, None]
-    if PV_FP8:
-        b_o = b_o * tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)[None, :]
+    _, b_l, b_acc = state
+    # The epilogue's loads first, so their latencies overlap.
     m_o = (o_q < L)[:, None] & m_d[None, :]
     if HAS_LINEAR:
-        p_q = tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d)
-        b_phi = feature_map(tl.load(p_q, mask=m_o, other=0.0).to(tl.float32), m_d, FEATURE)
+        b_x = tl.load(tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d), mask=m_o, other=0.0)
         b_z = tl.load(ksum + i_bh64 * DP + o_d)
-        b_den = 1e-5 + tl.sum(b_phi * b_z[None, :], axis=1)
-        # [DP, DP]: the linear state with proj_l folded in, in bf16 (fp32 accumulation). The product accumulates
-        # onto o * den, so no second [BQ, DP] accumulator is alive.
+        # [DP, DP]: the linear state with proj_l folded in, in bf16 (fp32 accumulation)
         b_kvw = kvw_desc.load([i_bh * DP, 0])
+        if HAS_BIAS:
+            b_bias = tl.load(bias + o_d, mask=m_d, other=0.0)
+    if PV_FP8:
+        b_vs = tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)
+    b_o = b_acc * (1.0 / b_l)[:, None]
+    if PV_FP8:
+        b_o = b_o * b_vs[None, :]
+    if HAS_LINEAR:
+        b_phi = feature_map(b_x.to(tl.float32), m_d, FEATURE)
+        b_den = 1e-5 + tl.sum(b_phi * b_z[None, :], axis=1)
+        # The product accumulates onto o * den, so no second [BQ, DP] accumulator is alive.
         if IS_INTERPRET:
             b_o = tl.dot(b_phi, b_kvw.to(tl.float32), b_o * b_den[:, None])
         else:
             b_o = tl.dot(b_phi.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
-        b_o = b_o / b_den[:, None]
+        b_o = b_o * (1.0 / b_den)[:, None]
         if HAS_BIAS:
-            b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
+            b_o += b_bias[None, :]
     p_o = tile_ptrs(head_base(o, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_o)
 
@@ -191,8 +199,8 @@ def _launch_options(capability: tuple[int, int] | None, block_q: int, head_dim: 
 
     At 64 x 128 blocks the FP8 kernel needs about 217 registers a thread, so two programs share an SM; capped at
     168, three do, and the loop hides its MMA and exp latencies better (B1 H12 L32760 D128, topk 0.05, with the
-    linear branch: 0.658 -> 0.583 ms; H40 L75600: 10.05 -> 8.99 ms; benchmarks/README.md). The cap spills only in
-    the peeled last block. bf16 P.V keeps 2 stages and no cap (its loop spills under it).
+    linear branch: 0.658 -> 0.583 ms; H40 L75600: 10.05 -> 8.99 ms; benchmarks/README.md); nothing spills under it.
+    bf16 P.V keeps 2 stages and no cap (its loop spills under it).
     """
     options = {"num_warps": 4 if block_q <= 64 else 8, "num_stages": 2}
     if capability is not None and capability[0] == 9 and block_q <= 64 and head_dim <= 128 and pv_fp8:
@@ -231,8 +239,7 @@ def sparse_attn_fwd(
             k_scale: [B, H, NK].
         v: FP8 ``[B, H, DP, NK*BK]`` contiguous (transposed, from ``quant_v_fp8``) with v_scale [B, H, D], or the
             compute-dtype V ``[B, H, L, D]`` view (unit stride on D) with v_scale None.
-        lut: [B, H, NQ, S] int32, ascending per row (as ``select_blocks`` writes it: a partial tail block can only
-            come last, and only the last entry is masked).
+        lut: [B, H, NQ, S] int32, key block indices per query block (``select_blocks`` writes them ascending).
         out: [B, H, L, D] view of the output (any strides with unit stride on D, any float dtype).
         linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, bias [D])
             to fuse the linear branch, or None.

@@ -127,7 +127,7 @@ def test_select_blocks_ties_negatives_and_nan():
         assert lut.tolist() == [[[blocks] * 3]], count
 
 
-def _sparse_case(shape, bq, bk, topk, pv, scale=1.0):
+def _sparse_case(shape, bq, bk, topk, pv, scale=1.0, reverse_lut=False):
     q, k, v = (x * scale for x in _qkv(shape, _device(shape)))
     d = shape[-1]
     stats = kv_stats_ref(k, v, True, None)
@@ -142,7 +142,8 @@ def _sparse_case(shape, bq, bk, topk, pv, scale=1.0):
         v_ref, v_scale, v_tri = v, None, v
     ref = sparse_attn_quant_ref(q8, qk.q_scale, k8, qk.k_scale, v_ref, v_scale, lut, bq, bk)
     out = torch.full_like(q, float("nan"), dtype=torch.float32)
-    sparse_attn_fwd(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_tri, v_scale, lut, bq, bk, out)
+    lut_tri = lut.flip(-1).contiguous() if reverse_lut else lut
+    sparse_attn_fwd(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_tri, v_scale, lut_tri, bq, bk, out)
     return q, k, v, lut, ref, out
 
 
@@ -152,6 +153,17 @@ def _sparse_case(shape, bq, bk, topk, pv, scale=1.0):
 def test_sparse_attn_vs_reference(shape, bq, bk, topk, pv):
     *_, ref, out = _sparse_case(shape, bq, bk, topk, pv)
     assert_close(f"sparse_attn_fwd[{pv}]", ref, out.float(), TOL_KERNEL_FP8 if pv == "fp8" else TOL_KERNEL_HALF)
+
+
+@pytest.mark.parametrize("shape,bq,bk", [SMALL[0], SMALL[2], LARGE[0]])
+@pytest.mark.parametrize("pv", ["fp8", "half"])
+def test_sparse_attn_masks_the_tail_block_anywhere_in_the_lut(shape, bq, bk, pv):
+    """Every key block goes through the tail mask, so a LUT row in any order gives the same attention: here
+    descending, the partial tail block first (topk 1.0 selects it in every row)."""
+    *_, ref, out = _sparse_case(shape, bq, bk, 1.0, pv, reverse_lut=True)
+    assert_close(
+        f"sparse_attn_fwd[{pv}] reversed LUT", ref, out.float(), TOL_KERNEL_FP8 if pv == "fp8" else TOL_KERNEL_HALF
+    )
 
 
 @pytest.mark.parametrize("scale", [1e3, 1e4])
