@@ -5,9 +5,9 @@ One program per (query block, batch * head): Q stays resident as INT8, each sele
 INT8 Q.K^T (scores already in base 2), an online exp2 softmax, and a P.V product in FP8 e4m3 (P shifted so its
 row maximum is just under 448) or in the compute dtype. The epilogue adds ``phi(q) (S W^T) / (1e-5 + phi(q) . z) + b``
 with ``proj_l`` folded into the per-head state once per call. K, FP8 V and the folded state are read through TMA
-descriptors on Hopper (plain loads elsewhere: Triton rewrites them). With a ragged tail every block's scores go
-through the key mask, so the loop has no peeled iteration and the compiler prefetches every block (the LUT's last
-entry included); the epilogue issues all of its loads before it computes.
+descriptors on Hopper (plain loads elsewhere: Triton rewrites them). With a ragged tail each block checks whether it
+reaches past L (a uniform branch around the key mask), so the loop has no peeled iteration and the compiler
+prefetches every block, the LUT's last entry included; the epilogue issues all of its loads before it computes.
 """
 
 import torch
@@ -61,8 +61,10 @@ def _attend_block(
     # and the scale goes into the exponent's FMA.
     b_s = tl.dot(b_q, tl.trans(b_k)).to(tl.float32)
     b_sc = b_qs * tl.load(p_ks + i_k)
-    if MASK:
-        b_s = tl.where((o_t < L)[None, :], b_s, float("-inf"))
+    if MASK:  # noqa: SIM102 (a compile-time switch around a runtime branch)
+        # a uniform branch: only the block reaching past L pays for the selects
+        if i_k * BK + BK > L:
+            b_s = tl.where((o_t < L)[None, :], b_s, float("-inf"))
     b_mx = tl.max(b_s, axis=1)
     b_m_blk = b_mx * b_sc
     b_m_new = tl.maximum(b_m, b_m_blk)
@@ -152,9 +154,8 @@ def sparse_attn_fwd_kernel(
         tl.zeros([BQ], dtype=tl.float32),
         tl.zeros([BQ, DP], dtype=tl.float32),
     )
-    # The mask is one select per score, on every block when L % BK != 0: peeling the last LUT entry (the only one
-    # that can be the tail) instead left its loads outside the pipelined loop, exposed at the end of every program
-    # (H100, B1 H12 L32760: 0.59 -> 0.54 ms with the epilogue's loads issued first; benchmarks/README.md).
+    # No peeled iteration for the tail block: peeling the LUT's last entry (the only one that can be the tail when
+    # the LUT is ascending) left its loads outside the pipelined loop, exposed at the end of every program.
     for s in tl.range(0, S):
         state = _attend_block(
             b_q, b_qs, keys, values, tl.load(p_lut + s), state, L, D, DP, BK, PV_FP8, not EVEN_L, IS_INTERPRET
