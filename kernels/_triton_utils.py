@@ -5,8 +5,11 @@ import os
 import triton
 import triton.language as tl
 
+from sagesla.kernels.quant_ref import LOG2E as _LOG2E
+
 # Under the interpreter bf16 dots and some casts are wrong (docs/testing.md): kernels upcast when this is set.
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = tl.constexpr(_LOG2E)
 
 FEATURE_MAP_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 
@@ -22,18 +25,33 @@ def even_tiles(length: int, block_q: int, block_k: int, head_dim: int) -> bool:
 
 
 @triton.jit
-def feature_map(x, m_d, FEATURE: tl.constexpr):
-    """phi of SLA's linear branch over the last dim of x [N, DP]; padded columns (m_d False) come out 0."""
+def feature_map_unnormalized(x, m_d, FEATURE: tl.constexpr):
+    """(f [N, DP], n [N]) with phi(x) = f / n over the last dim of x [N, DP]: n is the softmax map's row sum (1 for
+    the others), so a caller can fold 1 / n into a later per-row scale. Padded columns (m_d False) of f are 0."""
+    # exp as exp2 (tl.exp adds subnormal handling around each exponential on the GPU)
     if FEATURE == 0:
         x = tl.where(m_d[None, :], x, float("-inf"))
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        phi = e / tl.sum(e, axis=1)[:, None]
+        f = tl.exp2((x - tl.max(x, axis=1)[:, None]) * LOG2E)
     elif FEATURE == 1:
-        phi = tl.where(x > 0, x + 1.0, tl.exp(x))
+        f = tl.where(x > 0, x + 1.0, tl.exp2(x * LOG2E))
     else:
         # NaN stays NaN (the default max would drop it on the GPU: a NaN key would vanish from the linear state).
-        phi = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(m_d[None, :], phi, 0.0)
+        f = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    f = tl.where(m_d[None, :], f, 0.0)
+    if FEATURE == 0:
+        n = tl.sum(f, axis=1)
+    else:
+        n = tl.full([x.shape[0]], 1.0, dtype=tl.float32)
+    return f, n
+
+
+@triton.jit
+def feature_map(x, m_d, FEATURE: tl.constexpr):
+    """phi of SLA's linear branch over the last dim of x [N, DP]; padded columns (m_d False) come out 0."""
+    f, n = feature_map_unnormalized(x, m_d, FEATURE)
+    if FEATURE == 0:
+        f = f / n[:, None]
+    return f
 
 
 @triton.jit

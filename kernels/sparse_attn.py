@@ -18,7 +18,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from sagesla.kernels._triton_utils import (
     FEATURE_MAP_IDS,
     IS_INTERPRET,
-    feature_map,
+    feature_map_unnormalized,
     fp8e4m3_round_interpret,
     head_base,
     padded_head_dim,
@@ -176,13 +176,14 @@ def sparse_attn_fwd_kernel(
     if PV_FP8:
         b_o = b_o * b_vs[None, :]
     if HAS_LINEAR:
-        b_phi = feature_map(b_x.to(tl.float32), m_d, FEATURE)
-        b_den = 1e-5 + tl.sum(b_phi * b_z[None, :], axis=1)
+        # phi = f / n: (phi S) / (1e-5 + phi . z) = (f S) / (1e-5 n + f . z), one division a row
+        b_f, b_n = feature_map_unnormalized(b_x.to(tl.float32), m_d, FEATURE)
+        b_den = 1e-5 * b_n + tl.sum(b_f * b_z[None, :], axis=1)
         # The product accumulates onto o * den, so no second [BQ, DP] accumulator is alive.
         if IS_INTERPRET:
-            b_o = tl.dot(b_phi, b_kvw.to(tl.float32), b_o * b_den[:, None])
+            b_o = tl.dot(b_f, b_kvw.to(tl.float32), b_o * b_den[:, None])
         else:
-            b_o = tl.dot(b_phi.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
+            b_o = tl.dot(b_f.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
         b_o = b_o * (1.0 / b_den)[:, None]
         if HAS_BIAS:
             b_o += b_bias[None, :]
