@@ -158,7 +158,7 @@ def test_sparse_attn_vs_reference(shape, bq, bk, topk, pv):
 @pytest.mark.parametrize("shape,bq,bk", [SMALL[0], SMALL[2], LARGE[0]])
 @pytest.mark.parametrize("pv", ["fp8", "half"])
 def test_sparse_attn_masks_the_tail_block_anywhere_in_the_lut(shape, bq, bk, pv):
-    """Every key block goes through the tail mask, so a LUT row in any order gives the same attention: here
+    """Each key block checks whether it reaches past L, so a LUT row in any order gives the same attention: here
     descending, the partial tail block first (topk 1.0 selects it in every row)."""
     *_, ref, out = _sparse_case(shape, bq, bk, 1.0, pv, reverse_lut=True)
     assert_close(
