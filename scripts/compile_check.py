@@ -9,9 +9,9 @@ and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fai
 (the interpreter cannot see such errors, e.g. ``tl.dot`` operands of two dtypes, which its fp32 dots accept);
 spills (STACK > 0) on the default path are a performance bug unless they stay outside the hot loop. On sm90 it
 also prints ``wgmma-serialized:C75xx`` when ptxas makes each Hopper matrix instruction wait for the previous one.
-The FP8 sparse kernel is serialized and was measured faster so than variants without it (benchmarks/README.md,
-sixth session). Pointer and stride arguments are assumed 16-byte aligned, as they are for contiguous tensors. To check
-another triton (e.g. the GPU image's 3.6.0), put its wheel first on PYTHONPATH.
+The FP8 sparse kernel is serialized, and measured faster that way than variants without the serialization
+(benchmarks/README.md, sixth session). Pointer and stride arguments are assumed 16-byte aligned, as they are for
+contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0), put its wheel first on PYTHONPATH.
 """
 
 import argparse
