@@ -245,7 +245,8 @@ class LinearState(NamedTuple):
 
 
 def folded_state(kv: torch.Tensor, ksum: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernels' linear operands: ``S W^T`` [..., DP, DP] bf16 and ``z`` [..., DP] fp32, zero-padded to DP.
+    """The fused kernels' linear operands: ``S W^T`` [..., DP, DP] bf16 and ``z`` [..., DP] fp32, zero-padded to DP
+    (the training kernels' state; the inference forward gets them from ``quant.inference_stats``' finishing launch).
 
     kv: [..., D, D] = S, ksum: [..., D] = z (``kv_stats``), weight: ``proj_l.weight`` [D, D].
     """

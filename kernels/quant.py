@@ -6,6 +6,8 @@ padded to DP, both with zeros; V in FP8 is stored transposed ([D, L], keys conti
 layout that FP8 matrix instructions need.
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +23,23 @@ from sagesla.kernels._triton_utils import (
     tile_ptrs,
 )
 from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, KVStats, QKQuant
+
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+
+
+class InferenceStats(NamedTuple):
+    """What the Triton forward needs from the token reductions, all from one finishing launch (None where not
+    asked for).
+
+    k_mean: [B, H, 1, D] fp32 (smoothing).                 v_scale: [B, H, D] fp32 FP8 V scales.
+    kvw: [B, H, DP, DP] bf16 ``S W^T``, zero-padded.       z: [B, H, DP] fp32 ``sum phi(k)``, zero-padded.
+    """
+
+    k_mean: torch.Tensor
+    v_scale: torch.Tensor | None
+    kvw: torch.Tensor | None
+    z: torch.Tensor | None
 
 
 @triton.jit
@@ -176,6 +195,10 @@ def kv_stats_finish_kernel(
     v_amax_out,
     kv_out,
     ksum_out,
+    weight,
+    v_scale_out,
+    kvw_out,
+    z_out,
     L,
     C,
     D: tl.constexpr,
@@ -183,9 +206,16 @@ def kv_stats_finish_kernel(
     RB: tl.constexpr,
     V_AMAX: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
+    V_SCALE: tl.constexpr,
+    FOLD: tl.constexpr,
 ):
     """Sums (V: maxima) of ``kv_stats_kernel``'s C partials per head: RB rows of the state and the same RB channels
-    of each vector statistic per program; outputs unpadded ([B*H, D] vectors, [B*H, D, D] state)."""
+    of each vector statistic per program; outputs unpadded ([B*H, D] vectors, [B*H, D, D] state).
+
+    With ``V_SCALE`` also the FP8 V scales ``max(amax, floor) / 448`` ([B*H, D]); with ``FOLD`` also the fused
+    kernel's linear operands: ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32) and
+    ``z`` ([B*H, DP] fp32, zero-padded), so the forward needs no torch op between its launches.
+    """
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * RB + tl.arange(0, RB)
     o_d = tl.arange(0, DP)
@@ -207,10 +237,22 @@ def kv_stats_finish_kernel(
     tl.store(k_mean_out + p_vec, a_sum / L, mask=m_r)
     if V_AMAX:
         tl.store(v_amax_out + p_vec, a_amax, mask=m_r)
+        if V_SCALE:
+            scale = tl.maximum(a_amax, _SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL) * (1.0 / _FP8_MAX)
+            tl.store(v_scale_out + p_vec, scale, mask=m_r)
     if HAS_LINEAR:
         tl.store(ksum_out + p_vec, a_ksum, mask=m_r)
         p_kv = kv_out + (i_bh.to(tl.int64) * D + o_r[:, None]) * D + o_d[None, :]
         tl.store(p_kv, a_kv, mask=m_r[:, None] & (o_d < D)[None, :])
+        if FOLD:
+            m_d = o_d < D
+            # [DP, DP] proj_l weight W (rows: output channels), zero-padded
+            b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
+            # [RB, DP] rows of S W^T in full fp32 (the reference's fp32 product), then bf16 as the kernel reads it
+            b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="ieee")
+            p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
+            tl.store(p_kvw, b_kvw.to(tl.bfloat16))
+            tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
 
 
 @triton.jit
@@ -257,31 +299,19 @@ def _stats_grid(length: int, heads: int, block: int, programs: int, min_chunk: i
     return chunks, triton.cdiv(blocks, chunks) * block
 
 
-def kv_stats(
+def _kv_reduce(
     k: torch.Tensor,
     v: torch.Tensor,
     v_amax: bool,
     feature_map: str | None,
-    *,
-    programs: int = 1056,
-    min_chunk: int = 1536,
-    num_warps: int = 4,
-    num_stages: int = 3,
-) -> KVStats:
-    """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
-
-    Args:
-        k, v: [B, H, L, D] views with unit stride on D.
-        v_amax: compute the per-channel max of |V|.
-        feature_map: phi of the linear branch, or None to skip its state.
-        programs, min_chunk, num_warps, num_stages: launch shape: token chunks x heads programs, up to about
-            ``programs`` of them with chunks of at least ``min_chunk`` tokens (each chunk's partial state, DP x DP
-            fp32, is written and summed afterwards). The defaults come from H100 sweeps at the Wan shapes
-            (benchmarks/README.md): 264 programs of 1504 tokens at B1 H12 L32760, 1080 of 2816 at B1 H40 L75600
-            (there 0.84 -> 0.76 ms against 560 programs).
-    Returns:
-        KVStats as the reference (fp32, unpadded).
-    """
+    weight: torch.Tensor | None,
+    v_scale: bool,
+    programs: int,
+    min_chunk: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[KVStats, InferenceStats]:
+    """Both launches of the token reductions (chunk partials, then their sums); see ``kv_stats``."""
     B, H, L, D = k.shape
     DP, BT = padded_head_dim(D), 32
     chunks, chunk = _stats_grid(L, B * H, BT, programs, min_chunk)
@@ -312,10 +342,16 @@ def kv_stats(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    k_mean = torch.empty(B, H, 1, D, device=k.device, dtype=torch.float32)
-    out_amax = torch.empty(B, H, D, device=k.device, dtype=torch.float32) if v_amax else None
-    out_ksum = torch.empty(B, H, D, device=k.device, dtype=torch.float32) if linear else None
-    out_kv = torch.empty(B, H, D, D, device=k.device, dtype=torch.float32) if linear else None
+    fold = linear and weight is not None
+    v_scale = v_scale and v_amax
+
+    def empty(*shape, dtype=torch.float32, wanted=True):
+        return torch.empty(B, H, *shape, device=k.device, dtype=dtype) if wanted else None
+
+    k_mean = empty(1, D)
+    out_amax, out_scale = empty(D, wanted=v_amax), empty(D, wanted=v_scale)
+    out_ksum, out_kv = empty(D, wanted=linear), empty(D, D, wanted=linear)
+    kvw, z = empty(DP, DP, dtype=torch.bfloat16, wanted=fold), empty(DP, wanted=fold)
     # One launch for the partials' sums (H100, B1 H12 L32760: 0.036 ms as five torch reductions).
     rows = 16
     kv_stats_finish_kernel[(DP // rows, B * H)](
@@ -323,10 +359,9 @@ def kv_stats(
         amax,
         kv,
         ksum,
-        k_mean,
-        k_mean if out_amax is None else out_amax,
-        k_mean if out_kv is None else out_kv,
-        k_mean if out_ksum is None else out_ksum,
+        *(k_mean if x is None else x for x in (k_mean, out_amax, out_kv, out_ksum)),
+        weight.float().contiguous() if fold else k_mean,
+        *(k_mean if x is None else x for x in (out_scale, kvw, z)),
         L,
         chunks,
         D=D,
@@ -334,8 +369,48 @@ def kv_stats(
         RB=rows,
         V_AMAX=v_amax,
         HAS_LINEAR=linear,
+        V_SCALE=v_scale,
+        FOLD=fold,
     )
-    return KVStats(k_mean, out_amax, out_kv, out_ksum)
+    return KVStats(k_mean, out_amax, out_kv, out_ksum), InferenceStats(k_mean, out_scale, kvw, z)
+
+
+def kv_stats(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    v_amax: bool,
+    feature_map: str | None,
+    *,
+    programs: int = 1056,
+    min_chunk: int = 1536,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> KVStats:
+    """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
+
+    Args:
+        k, v: [B, H, L, D] views with unit stride on D.
+        v_amax: compute the per-channel max of |V|.
+        feature_map: phi of the linear branch, or None to skip its state.
+        programs, min_chunk, num_warps, num_stages: launch shape: token chunks x heads programs, up to about
+            ``programs`` of them with chunks of at least ``min_chunk`` tokens (each chunk's partial state, DP x DP
+            fp32, is written and summed afterwards). The defaults come from H100 sweeps at the Wan shapes
+            (benchmarks/README.md): 264 programs of 1504 tokens at B1 H12 L32760, 1080 of 2816 at B1 H40 L75600
+            (there 0.84 -> 0.76 ms against 560 programs).
+    Returns:
+        KVStats as the reference (fp32, unpadded).
+    """
+    return _kv_reduce(k, v, v_amax, feature_map, None, False, programs, min_chunk, num_warps, num_stages)[0]
+
+
+def inference_stats(
+    k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, feature_map: str | None, weight: torch.Tensor | None
+) -> InferenceStats:
+    """``kv_stats`` as the forward consumes it: the same reductions, and in their finishing launch the FP8 V
+    scales (``pv_fp8``) and ``proj_l`` folded into the linear state (``weight`` [D, D], with ``feature_map``),
+    where ``quant_v_fp8`` and ``linear_attn.folded_state`` would be six small torch ops (CPU launch time).
+    """
+    return _kv_reduce(k, v, pv_fp8, feature_map, weight, pv_fp8, 1056, 1536, 4, 3)[1]
 
 
 def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor | None):
@@ -390,16 +465,24 @@ def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tu
     Returns:
         v_fp8t [B, H, DP, padded_length] float8_e4m3fn and v_scale [B, H, D] fp32.
     """
+    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
+    return quant_v_fp8_scaled(v, scale, padded_length), scale
+
+
+def quant_v_fp8_scaled(v: torch.Tensor, v_scale: torch.Tensor, padded_length: int) -> torch.Tensor:
+    """``quant_v_fp8`` with its scales given (``inference_stats``): v_fp8t [B, H, DP, padded_length].
+
+    A channel holding NaN gets a NaN scale (written into ``v_scale`` [B, H, D], contiguous fp32).
+    """
     B, H, L, D = v.shape
     DP = padded_head_dim(D)
     # H100, B1 H12 L32760 D128: 128-token tiles 0.061 ms, 64 0.067 (B1 H40 L75600: 0.390, 0.422).
     BT = 128 if DP <= 128 else 64
-    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
     v_fp8t = torch.empty(B, H, DP, padded_length, device=v.device, dtype=FP8_DTYPE)
     quant_v_fp8_kernel[(triton.cdiv(padded_length, BT), B * H)](
         v,
         *v.stride()[:3],
-        scale.contiguous(),
+        v_scale,
         v_fp8t,
         L,
         H,
@@ -409,4 +492,4 @@ def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tu
         BT=BT,
         IS_INTERPRET=IS_INTERPRET,
     )
-    return v_fp8t, scale
+    return v_fp8t

@@ -1,15 +1,15 @@
 """The SageSLA forward on the Triton kernels: the ``backend="triton"`` path, twin of ``sla_ref.sla_forward_ref``.
 
-Launches: one pass over K and V for every token reduction (K mean, V channel maxima, linear state), INT8 Q and K
-with pooling, FP8 V (when P.V runs in FP8), block selection, and the fused sparse + linear kernel. A few tiny
-torch ops fold ``proj_l`` into the linear state. No host synchronisation and no data-dependent allocation.
+Launches: one pass over K and V for every token reduction (K mean, V channel maxima, linear state) and its
+finishing launch (which also folds ``proj_l`` into the linear state and computes the FP8 V scales), INT8 Q and K
+with pooling, block selection (an fp32 product of the pooled blocks, then the ranking), FP8 V (when P.V runs in
+FP8), and the fused sparse + linear kernel. No host synchronisation and no data-dependent allocation.
 """
 
 import torch
 
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.linear_attn import folded_state
-from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
+from sagesla.kernels.quant import inference_stats, quant_qk, quant_v_fp8_scaled
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
 
@@ -44,25 +44,21 @@ def sla_forward(
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     pv_fp8 = pv_precision == "fp8"
     linear = proj_weight is not None
-    stats = kv_stats(k, v, pv_fp8, feature_map if linear else None)
+    stats = inference_stats(k, v, pv_fp8, feature_map if linear else None, proj_weight)
     qk = quant_qk(q, k, block_q, block_k, sm_scale * LOG2E, stats.k_mean)
     lut = select_blocks(qk.q_pool, qk.k_pool, topk)
-    if pv_fp8:
-        v_in, v_scale = quant_v_fp8(v, stats.v_amax, qk.k_int8.shape[2])
-    else:
-        v_in, v_scale = v, None
+    v_in = quant_v_fp8_scaled(v, stats.v_scale, qk.k_int8.shape[2]) if pv_fp8 else v
     fused = None
     if linear:
-        kvw, ksum = folded_state(stats.kv, stats.ksum, proj_weight)
         bias = None if proj_bias is None else proj_bias.float().contiguous()
-        fused = (q, kvw, ksum, bias)
+        fused = (q, stats.kvw, stats.z, bias)
     sparse_attn_fwd(
         qk.q_int8,
         qk.q_scale,
         qk.k_int8,
         qk.k_scale,
         v_in,
-        v_scale,
+        stats.v_scale,
         lut,
         block_q,
         block_k,

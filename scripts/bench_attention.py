@@ -26,9 +26,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sagesla import metrics, sparse_linear_attn
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.linear_attn import folded_state, linear_attn_bwd_q, linear_state
+from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
+from sagesla.kernels.quant import inference_stats, kv_stats, quant_qk, quant_v_fp8_scaled
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sla_train import sla_train_forward
@@ -126,25 +126,27 @@ def stages(q, k, v, topk, pv, proj, blocks, sweep=False):
     bq, bk = blocks
     d = q.shape[-1]
     pv_fp8 = pv == "fp8"
-    st = kv_stats(k, v, pv_fp8, "softmax")
+    st = inference_stats(k, v, pv_fp8, "softmax", w)
     qk = quant_qk(q, k, bq, bk, d**-0.5 * LOG2E, st.k_mean)
     lut = select_blocks(qk.q_pool, qk.k_pool, topk)
-    v_in, v_scale = quant_v_fp8(v, st.v_amax, qk.k_int8.shape[2]) if pv_fp8 else (v, None)
+    v_scale = st.v_scale
+    v_in = quant_v_fp8_scaled(v, v_scale, qk.k_int8.shape[2]) if pv_fp8 else v
     out = torch.empty_like(q)
-    lin = (q, *folded_state(st.kv, st.ksum, w), bias)
+    lin = (q, st.kvw, st.z, bias)
 
     def prep():
-        s = kv_stats(k, v, pv_fp8, "softmax")
+        s = inference_stats(k, v, pv_fp8, "softmax", w)
         quant_qk(q, k, bq, bk, d**-0.5 * LOG2E, s.k_mean)
         if pv_fp8:
-            quant_v_fp8(v, s.v_amax, qk.k_int8.shape[2])
+            quant_v_fp8_scaled(v, s.v_scale, qk.k_int8.shape[2])
 
     times = {
         "total (graph)": bench_graph(lambda: ours(q, k, v, topk, pv, proj, out, blocks)),
         "prep": bench_graph(prep),
-        "kv_stats": bench_graph(lambda: kv_stats(k, v, pv_fp8, "softmax")),
+        # the reductions with the proj_l fold and the V scales, as the forward runs them
+        "kv_stats": bench_graph(lambda: inference_stats(k, v, pv_fp8, "softmax", w)),
         "quant_qk": bench_graph(lambda: quant_qk(q, k, bq, bk, d**-0.5 * LOG2E, st.k_mean)),
-        "quant_v": bench_graph(lambda: quant_v_fp8(v, st.v_amax, qk.k_int8.shape[2])) if pv_fp8 else 0.0,
+        "quant_v": bench_graph(lambda: quant_v_fp8_scaled(v, v_scale, qk.k_int8.shape[2])) if pv_fp8 else 0.0,
         "select": bench_graph(lambda: select_blocks(qk.q_pool, qk.k_pool, topk)),
         "sparse": bench_graph(
             lambda: sparse_attn_fwd(qk.q_int8, qk.q_scale, qk.k_int8, qk.k_scale, v_in, v_scale, lut, bq, bk, out)

@@ -10,7 +10,8 @@ import torch
 from sagesla import metrics
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.block_select_ref import select_blocks_ref
-from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
+from sagesla.kernels.linear_attn import folded_state
+from sagesla.kernels.quant import inference_stats, kv_stats, quant_qk, quant_v_fp8, quant_v_fp8_scaled
 from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sla_ref import sla_forward_ref
@@ -58,6 +59,33 @@ def test_kv_stats(shape, bq, bk):
         for name, r, t in zip(ref._fields, ref, tri, strict=True):
             # phi(K)^T V and sum phi(K) take phi rounded to the input dtype (bf16 on the GPU).
             assert_close(f"kv_stats.{name}[{feature}]", r, t, TOL_KV_STATE if name in ("kv", "ksum") else 1e-5)
+
+
+@pytest.mark.parametrize("shape,bq,bk", SHAPES)
+def test_inference_stats_fold_and_v_scales(shape, bq, bk):
+    """The forward's reductions: k_mean and z as kv_stats gives them, V scales bit for bit as quant_v_fp8's, and
+    proj_l folded into the state within one bf16 ulp of the float64 product (zero padding included)."""
+    k, v = _qkv(shape, _device(shape))[1:]
+    D = shape[-1]
+    weight = torch.randn(D, D, device=k.device) * 0.05
+    plain = kv_stats(k, v, True, "elu")
+    tri = inference_stats(k, v, True, "elu", weight)
+    assert torch.equal(tri.k_mean, plain.k_mean)
+    torch.testing.assert_close(tri.v_scale, quant_v_fp8(v, plain.v_amax, 1)[1], rtol=0, atol=0)
+    kvw_ref, z_ref = folded_state(plain.kv, plain.ksum, weight)
+    assert torch.equal(tri.z, z_ref)
+    exact = plain.kv.double() @ weight.double().t()
+    assert not tri.kvw[..., D:, :].any() and not tri.kvw[..., D:].any(), "padding must be zero"
+    # one bf16 ulp: the interpreter truncates fp32 -> bf16 (docs/testing.md); the GPU rounds to nearest
+    err = (tri.kvw[..., :D, :D].double() - exact).abs()
+    assert (err <= exact.abs() * 2**-7 + 1e-30).all(), err.max()
+    if HAS_CUDA:
+        assert (tri.kvw != kvw_ref).float().mean() < 1e-3, "fp32 sums in another order: bf16 rarely differs"
+    bare = inference_stats(k, v, False, None, None)
+    assert torch.equal(bare.k_mean, plain.k_mean) and bare.v_scale is None and bare.kvw is None and bare.z is None
+    padded = -(-shape[2] // bk) * bk
+    scale = tri.v_scale.clone()
+    assert torch.equal(quant_v_fp8_scaled(v, scale, padded).float(), quant_v_fp8(v, plain.v_amax, padded)[0].float())
 
 
 @pytest.mark.parametrize("shape,bq,bk", SHAPES)
