@@ -26,6 +26,8 @@ from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, KVStats, 
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+# The token reductions' launch shape (kv_stats' docstring says where the numbers come from).
+KV_PROGRAMS, KV_MIN_CHUNK, KV_WARPS, KV_STAGES = 1056, 1536, 4, 3
 
 
 class InferenceStats(NamedTuple):
@@ -308,10 +310,10 @@ def _kv_reduce(
     feature_map: str | None,
     weight: torch.Tensor | None,
     v_scale: bool,
-    programs: int,
-    min_chunk: int,
-    num_warps: int,
-    num_stages: int,
+    programs: int = KV_PROGRAMS,
+    min_chunk: int = KV_MIN_CHUNK,
+    num_warps: int = KV_WARPS,
+    num_stages: int = KV_STAGES,
 ) -> tuple[KVStats, InferenceStats]:
     """Both launches of the token reductions (chunk partials, then their sums); see ``kv_stats``."""
     B, H, L, D = k.shape
@@ -383,10 +385,10 @@ def kv_stats(
     v_amax: bool,
     feature_map: str | None,
     *,
-    programs: int = 1056,
-    min_chunk: int = 1536,
-    num_warps: int = 4,
-    num_stages: int = 3,
+    programs: int = KV_PROGRAMS,
+    min_chunk: int = KV_MIN_CHUNK,
+    num_warps: int = KV_WARPS,
+    num_stages: int = KV_STAGES,
 ) -> KVStats:
     """Triton twin of ``kv_stats_ref``: every token reduction of K and V in one pass over both.
 
@@ -412,7 +414,7 @@ def inference_stats(
     scales (``pv_fp8``) and ``proj_l`` folded into the linear state (``weight`` [D, D], with ``feature_map``),
     where ``quant_v_fp8`` and ``linear_attn.folded_state`` would be six small torch ops (CPU launch time).
     """
-    return _kv_reduce(k, v, pv_fp8, feature_map, weight, pv_fp8, 1056, 1536, 4, 3)[1]
+    return _kv_reduce(k, v, pv_fp8, feature_map, weight, pv_fp8)[1]
 
 
 def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor | None):
