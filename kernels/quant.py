@@ -208,15 +208,14 @@ def kv_stats_finish_kernel(
     RB: tl.constexpr,
     V_AMAX: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
-    V_SCALE: tl.constexpr,
-    FOLD: tl.constexpr,
 ):
     """Sums (V: maxima) of ``kv_stats_kernel``'s C partials per head: RB rows of the state and the same RB channels
     of each vector statistic per program; outputs unpadded ([B*H, D] vectors, [B*H, D, D] state).
 
-    With ``V_SCALE`` also the FP8 V scales ``max(amax, floor) / 448`` ([B*H, D]); with ``FOLD`` also the fused
-    kernel's linear operands: ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32) and
-    ``z`` ([B*H, DP] fp32, zero-padded), so the forward needs no torch op between its launches.
+    Each output that is not None is written (``kv_stats``: V maxima, state and key sum; the forward, through
+    ``inference_stats``: the FP8 V scales ``max(amax, floor) / 448`` ([B*H, D]) and the fused kernel's linear
+    operands, ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32) and ``z`` ([B*H, DP]
+    fp32, zero-padded), so the forward needs no torch op between its launches).
     """
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * RB + tl.arange(0, RB)
@@ -237,26 +236,26 @@ def kv_stats_finish_kernel(
     m_r = o_r < D
     p_vec = i_bh.to(tl.int64) * D + o_r
     tl.store(k_mean_out + p_vec, a_sum / L, mask=m_r)
-    if V_AMAX:
+    if v_amax_out is not None:
         tl.store(v_amax_out + p_vec, a_amax, mask=m_r)
-        if V_SCALE:
-            scale = tl.maximum(a_amax, _SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL) * (1.0 / _FP8_MAX)
-            tl.store(v_scale_out + p_vec, scale, mask=m_r)
-    if HAS_LINEAR:
+    if v_scale_out is not None:
+        scale = tl.maximum(a_amax, _SCALE_FLOOR, propagate_nan=tl.PropagateNan.ALL) * (1.0 / _FP8_MAX)
+        tl.store(v_scale_out + p_vec, scale, mask=m_r)
+    if kv_out is not None:
         tl.store(ksum_out + p_vec, a_ksum, mask=m_r)
         p_kv = kv_out + (i_bh.to(tl.int64) * D + o_r[:, None]) * D + o_d[None, :]
         tl.store(p_kv, a_kv, mask=m_r[:, None] & (o_d < D)[None, :])
-        if FOLD:
-            m_d = o_d < D
-            # [DP, DP] proj_l weight W (rows: output channels), zero-padded
-            b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
-            # [RB, DP] rows of S W^T at fp32 accuracy on the tensor cores (3xTF32; H100, B1 H12 L32760: 0.112 ms
-            # for the reductions against 0.129 with an FMA product and 0.127 for kv_stats + the torch fold), then
-            # bf16 as the kernel reads it: 0.03 % of entries one bf16 ulp off the torch fold's
-            b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="tf32x3")
-            p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
-            tl.store(p_kvw, b_kvw.to(tl.bfloat16))
-            tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
+    if kvw_out is not None:
+        m_d = o_d < D
+        # [DP, DP] proj_l weight W (rows: output channels), zero-padded
+        b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
+        # [RB, DP] rows of S W^T at fp32 accuracy on the tensor cores (3xTF32; H100, B1 H12 L32760: 0.112 ms
+        # for the reductions against 0.129 with an FMA product and 0.127 for kv_stats + the torch fold), then
+        # bf16 as the kernel reads it: 0.03 % of entries one bf16 ulp off the torch fold's
+        b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="tf32x3")
+        p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
+        tl.store(p_kvw, b_kvw.to(tl.bfloat16))
+        tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
 
 
 @triton.jit
@@ -308,14 +307,16 @@ def _kv_reduce(
     v: torch.Tensor,
     v_amax: bool,
     feature_map: str | None,
-    weight: torch.Tensor | None,
-    v_scale: bool,
+    inference: bool,
+    weight: torch.Tensor | None = None,
     programs: int = KV_PROGRAMS,
     min_chunk: int = KV_MIN_CHUNK,
     num_warps: int = KV_WARPS,
     num_stages: int = KV_STAGES,
 ) -> tuple[KVStats, InferenceStats]:
-    """Both launches of the token reductions (chunk partials, then their sums); see ``kv_stats``."""
+    """Both launches of the token reductions (chunk partials, then their sums); see ``kv_stats``. Writes the
+    reference's statistics (KVStats; InferenceStats then holds only k_mean), or with ``inference`` what the forward
+    reads (InferenceStats, the fold needing proj_l's ``weight`` with ``feature_map``; KVStats holds only k_mean)."""
     B, H, L, D = k.shape
     DP, BT = padded_head_dim(D), 32
     chunks, chunk = _stats_grid(L, B * H, BT, programs, min_chunk)
@@ -346,16 +347,14 @@ def _kv_reduce(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    fold = linear and weight is not None
-    v_scale = v_scale and v_amax
 
-    def empty(*shape, dtype=torch.float32, wanted=True):
+    def empty(wanted, *shape, dtype=torch.float32):
         return torch.empty(B, H, *shape, device=k.device, dtype=dtype) if wanted else None
 
-    k_mean = empty(1, D)
-    out_amax, out_scale = empty(D, wanted=v_amax), empty(D, wanted=v_scale)
-    out_ksum, out_kv = empty(D, wanted=linear), empty(D, D, wanted=linear)
-    kvw, z = empty(DP, DP, dtype=torch.bfloat16, wanted=fold), empty(DP, wanted=fold)
+    k_mean = empty(True, 1, D)
+    out_amax, out_scale = empty(v_amax and not inference, D), empty(v_amax and inference, D)
+    out_kv, out_ksum = empty(linear and not inference, D, D), empty(linear and not inference, D)
+    kvw, z = empty(linear and inference, DP, DP, dtype=torch.bfloat16), empty(linear and inference, DP)
     # One launch for the partials' sums (H100, B1 H12 L32760: 0.036 ms as five torch reductions).
     rows = 16
     kv_stats_finish_kernel[(DP // rows, B * H)](
@@ -363,9 +362,14 @@ def _kv_reduce(
         amax,
         kv,
         ksum,
-        *(k_mean if x is None else x for x in (k_mean, out_amax, out_kv, out_ksum)),
-        weight.float().contiguous() if fold else k_mean,
-        *(k_mean if x is None else x for x in (out_scale, kvw, z)),
+        k_mean,
+        out_amax,
+        out_kv,
+        out_ksum,
+        weight.float().contiguous() if kvw is not None else None,
+        out_scale,
+        kvw,
+        z,
         L,
         chunks,
         D=D,
@@ -373,8 +377,6 @@ def _kv_reduce(
         RB=rows,
         V_AMAX=v_amax,
         HAS_LINEAR=linear,
-        V_SCALE=v_scale,
-        FOLD=fold,
     )
     return KVStats(k_mean, out_amax, out_kv, out_ksum), InferenceStats(k_mean, out_scale, kvw, z)
 
@@ -404,17 +406,20 @@ def kv_stats(
     Returns:
         KVStats as the reference (fp32, unpadded).
     """
-    return _kv_reduce(k, v, v_amax, feature_map, None, False, programs, min_chunk, num_warps, num_stages)[0]
+    return _kv_reduce(k, v, v_amax, feature_map, False, None, programs, min_chunk, num_warps, num_stages)[0]
 
 
 def inference_stats(
     k: torch.Tensor, v: torch.Tensor, pv_fp8: bool, feature_map: str | None, weight: torch.Tensor | None
 ) -> InferenceStats:
     """``kv_stats`` as the forward consumes it: the same reductions, and in their finishing launch the FP8 V
-    scales (``pv_fp8``) and ``proj_l`` folded into the linear state (``weight`` [D, D], with ``feature_map``),
-    where ``quant_v_fp8`` and ``linear_attn.folded_state`` would be six small torch ops (CPU launch time).
+    scales (``pv_fp8``) and ``proj_l`` folded into the linear state (``weight`` [D, D] and ``feature_map``, or
+    neither), where ``quant_v_fp8`` and ``linear_attn.folded_state`` would be six small torch ops (CPU launch time).
+    The reference's statistics the forward does not read (V maxima, the unfolded state) are not written.
     """
-    return _kv_reduce(k, v, pv_fp8, feature_map, weight, pv_fp8)[1]
+    if (weight is None) != (feature_map is None):
+        raise ValueError(f"inference_stats: weight and feature_map go together (feature_map={feature_map!r})")
+    return _kv_reduce(k, v, pv_fp8, feature_map, True, weight)[1]
 
 
 def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor | None):

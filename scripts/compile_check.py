@@ -55,7 +55,7 @@ def _signature(kernel: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, di
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
         value = values[param.name]
-        if param.is_constexpr:
+        if param.is_constexpr or value is None:  # a None argument is a compile-time None, as in triton's launcher
             signature[param.name] = "constexpr"
             constexprs[param.name] = value
         elif isinstance(value, TensorDescriptor):

@@ -85,6 +85,8 @@ def test_inference_stats_fold_and_v_scales(shape, bq, bk):
         assert (tri.kvw != kvw_ref).float().mean() < 1e-3, "fp32 sums in another order: bf16 rarely differs"
     bare = inference_stats(k, v, False, None, None)
     assert torch.equal(bare.k_mean, plain.k_mean) and bare.v_scale is None and bare.kvw is None and bare.z is None
+    with pytest.raises(ValueError, match="feature_map"):
+        inference_stats(k, v, True, "elu", None)
     padded = -(-shape[2] // bk) * bk
     scale = tri.v_scale.clone()
     assert torch.equal(quant_v_fp8_scaled(v, scale, padded).float(), quant_v_fp8(v, plain.v_amax, padded)[0].float())
