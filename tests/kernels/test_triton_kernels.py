@@ -63,7 +63,7 @@ def test_kv_stats(shape, bq, bk):
 
 @pytest.mark.parametrize("shape,bq,bk", SHAPES)
 def test_inference_stats_fold_and_v_scales(shape, bq, bk):
-    """The forward's reductions: k_mean and z as kv_stats gives them, V scales bit for bit as quant_v_fp8's, and
+    """The forward's reductions: k_mean and z as kv_stats gives them, V scales bit for bit as the reference's, and
     proj_l folded into the state within one bf16 ulp of the float64 product (zero padding included)."""
     k, v = _qkv(shape, _device(shape))[1:]
     D = shape[-1]
