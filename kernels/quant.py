@@ -50,6 +50,16 @@ def _round_half_away(x):
 
 
 @triton.jit
+def _smoothed_rows(base, o_t, s_xl, o_d, L, D: tl.constexpr, mean, HAS_MEAN: tl.constexpr):
+    """Rows ``o_t`` of one head as fp32 [len(o_t), DP], minus ``mean`` [DP] when HAS_MEAN; 0 past L and D."""
+    m_x = (o_t < L)[:, None] & (o_d < D)[None, :]
+    x = tl.load(tile_ptrs(base, o_t, s_xl, o_d), mask=m_x, other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = tl.where(m_x, x - mean[None, :], 0.0)
+    return x
+
+
+@triton.jit
 def quant_block_kernel(
     x,
     s_xb,
@@ -66,34 +76,48 @@ def quant_block_kernel(
     D: tl.constexpr,
     DP: tl.constexpr,
     BLK: tl.constexpr,
+    RC: tl.constexpr,
     HAS_MEAN: tl.constexpr,
 ):
-    """One block of BLK rows: subtract the token mean (K), pool, scale by ``mult``, INT8 with one scale."""
+    """One block of BLK rows: subtract the token mean (K), pool, scale by ``mult``, INT8 with one scale.
+
+    Two sweeps over the block in chunks of RC rows, the second reading it again (from L1/L2): the sums and the
+    maximum, then the quantization, so no whole tile sits in registers (H100, same run, RC 32 against the whole
+    tile: INT8 Q 0.067 / 0.477 ms against 0.073 / 0.521, INT8 K 0.078 / 0.526 against 0.087 / 0.597 at B1 H12
+    L32760 / B1 H40 L75600; RC 16 or 64, 8 warps, or 4 blocks a program were slower).
+    """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
-    o_t = i_n * BLK + tl.arange(0, BLK)
     o_d = tl.arange(0, DP)
-    m_t, m_d = o_t < L, o_d < D
-    m_x = m_t[:, None] & m_d[None, :]
-    p_x = tile_ptrs(head_base(x, i_bh, H, s_xb, s_xh), o_t, s_xl, o_d)
-    # [BLK, DP]
-    b_x = tl.load(p_x, mask=m_x, other=0.0).to(tl.float32)
+    m_d = o_d < D
+    base = head_base(x, i_bh, H, s_xb, s_xh)
     if HAS_MEAN:
         b_mean = tl.load(mean + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
-        b_x = tl.where(m_x, b_x - b_mean[None, :], 0.0)
+    else:
+        b_mean = tl.zeros([DP], dtype=tl.float32)
+    # [RC, DP] elementwise sums and maxima over the block's row chunks
+    a_sum = tl.zeros([RC, DP], dtype=tl.float32)
+    a_max = tl.zeros([RC, DP], dtype=tl.float32)
+    for r in tl.static_range(0, BLK, RC):
+        b_x = _smoothed_rows(base, i_n * BLK + r + tl.arange(0, RC), s_xl, o_d, L, D, b_mean, HAS_MEAN)
+        a_sum += b_x
+        a_max = tl.maximum(a_max, tl.abs(b_x * mult))
     rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
-    b_sum = tl.sum(b_x, axis=0)
+    b_sum = tl.sum(a_sum, axis=0)
     tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, b_sum / rows)
-    b_x = b_x * mult
-    scale = tl.maximum(tl.max(tl.abs(b_x)), 1e-30) * (1.0 / 127.0)
+    scale = tl.maximum(tl.max(a_max), 1e-30) * (1.0 / 127.0)
     # Max reductions skip NaN (on the GPU and in the interpreter): a NaN in the block, seen through its sum, makes
     # the scale NaN, so every score of the block is NaN as the reference's (and dense attention's) would be.
     b_total = tl.sum(b_sum)
     scale = tl.where(b_total == b_total, scale, float("nan"))
-    # One IEEE reciprocal (Triton's `/` on fp32 is approximate) and a multiply, as the reference.
-    b_q = tl.minimum(tl.maximum(_round_half_away(b_x * tl.math.div_rn(1.0, scale)), -127.0), 127.0)
     tl.store(x_scale + i_bh.to(tl.int64) * N + i_n, scale)
-    p_q = x_int8 + (i_bh.to(tl.int64) * N * BLK + o_t[:, None]) * DP + o_d[None, :]
-    tl.store(p_q, b_q.to(tl.int8))
+    # One IEEE reciprocal (Triton's `/` on fp32 is approximate) and a multiply, as the reference.
+    inv = tl.math.div_rn(1.0, scale)
+    for r in tl.static_range(0, BLK, RC):
+        o_t = i_n * BLK + r + tl.arange(0, RC)
+        b_x = _smoothed_rows(base, o_t, s_xl, o_d, L, D, b_mean, HAS_MEAN)
+        b_q = tl.minimum(tl.maximum(_round_half_away(b_x * mult * inv), -127.0), 127.0)
+        p_q = x_int8 + (i_bh.to(tl.int64) * N * BLK + o_t[:, None]) * DP + o_d[None, :]
+        tl.store(p_q, b_q.to(tl.int8))
 
 
 @triton.jit
@@ -442,6 +466,7 @@ def _quant_blocks(x: torch.Tensor, block: int, mult: float, mean: torch.Tensor |
         D=D,
         DP=DP,
         BLK=block,
+        RC=min(block, 32),
         HAS_MEAN=mean is not None,
     )
     return x_int8, scale, pool
