@@ -43,8 +43,10 @@ def select_blocks_kernel(
         mask=(o_i < NQ)[:, None] & m_j,
         other=float("-inf"),
     )
-    # NaN ranks below every real score, -inf padding below that: S <= NK real blocks always win.
+    # NaN ranks below every real score, -inf padding below that: S <= NK real blocks always win. -0.0 becomes +0.0:
+    # the reference's sort ties them (lowest index first) where their keys would order them.
     b_s = tl.where(b_s == b_s, tl.minimum(tl.maximum(b_s, -3.0e38), 3.0e38), -3.0e38)
+    b_s = tl.where(b_s == 0.0, 0.0, b_s)
     b_key = _order_preserving_int(tl.where(m_j, b_s, float("-inf")))
     # T = max{t : #(key >= t) >= S}, decided bit by bit from the top (sign bit first: is T >= 0?). b_n counts the
     # keys at or above the bits decided so far; once every row has exactly S there, those are its S largest

@@ -159,6 +159,37 @@ def test_select_blocks_ties_negatives_and_nan():
         assert lut.tolist() == [[[blocks] * 3]], count
 
 
+def _hard_key_block_values(kind: str, count: int, gen: torch.Generator) -> torch.Tensor:
+    """[count] key-block scores against a unit query that are hard to rank: wide range, ties, signed zeros."""
+    if kind == "wide range":
+        return torch.randn(count, generator=gen) * 10.0 ** (torch.rand(count, generator=gen) * 60 - 30)
+    if kind == "ties":
+        return torch.randint(-3, 4, (count,), generator=gen).float()
+    if kind == "signed zeros":
+        zeros = torch.where(torch.rand(count, generator=gen) < 0.5, -0.0, 0.0)
+        return torch.where(torch.rand(count, generator=gen) < 0.7, zeros, torch.randn(count, generator=gen))
+    if kind == "outliers":
+        values = torch.randn(count, generator=gen)
+        values[torch.randperm(count, generator=gen)[:3]] = torch.tensor([3e38, -3e38, 1e30])
+        return values
+    return torch.full((count,), 0.5)
+
+
+@pytest.mark.parametrize("kind", ["wide range", "ties", "signed zeros", "outliers", "constant"])
+@pytest.mark.parametrize("count", [5, 37, 200])
+def test_select_blocks_hard_rows(kind, count):
+    """Rows whose S-th score is hard to find (range, ties, -0.0 against +0.0, extremes): the reference's table."""
+    gen = torch.Generator().manual_seed(count)
+    k_pool = _hard_key_block_values(kind, count, gen).view(1, 1, count, 1)
+    # per-row query scales: the scores c_i * v_j, negated and zeroed rows included
+    q_pool = torch.tensor([1.0, -1.0, 0.0, 0.37, -2.5e-3]).view(1, 1, 5, 1)
+    device = _device((1, 1, 64, 64))
+    for topk in (1e-9, 0.1, 0.5, 0.97, 1.0):
+        ref = select_blocks_ref(q_pool, k_pool, topk)
+        tri = select_blocks(q_pool.to(device), k_pool.to(device), topk)
+        assert torch.equal(tri.cpu(), ref), topk
+
+
 def _sparse_case(shape, bq, bk, topk, pv, scale=1.0, reverse_lut=False):
     q, k, v = (x * scale for x in _qkv(shape, _device(shape)))
     d = shape[-1]
