@@ -84,7 +84,7 @@ def quant_block_kernel(
     Two sweeps over the block in chunks of RC rows, the second reading it again (from L1/L2): the sums and the
     maximum, then the quantization, so no whole tile sits in registers (H100, same run, RC 32 against the whole
     tile: INT8 Q 0.067 / 0.477 ms against 0.073 / 0.521, INT8 K 0.078 / 0.526 against 0.087 / 0.597 at B1 H12
-    L32760 / B1 H40 L75600; RC 16 or 64, 8 warps, or 4 blocks a program were slower).
+    L32760 / B1 H40 L75600; RC 16 or 64, 8 warps, or 4 blocks a program were no faster at both shapes).
     """
     i_n, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, DP)

@@ -160,7 +160,7 @@ def test_select_blocks_ties_negatives_and_nan():
 
 
 def _hard_key_block_values(kind: str, count: int, gen: torch.Generator) -> torch.Tensor:
-    """[count] key-block scores against a unit query that are hard to rank: wide range, ties, signed zeros."""
+    """[count] key-block scores against a unit query that are hard to rank (the test's ``kind``)."""
     if kind == "wide range":
         return torch.randn(count, generator=gen) * 10.0 ** (torch.rand(count, generator=gen) * 60 - 30)
     if kind == "ties":
