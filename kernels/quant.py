@@ -19,12 +19,14 @@ from sagesla.kernels._triton_utils import (
     feature_map,
     fp8e4m3_round_interpret,
     head_base,
+    load_rows,
     padded_head_dim,
     tile_ptrs,
 )
-from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, SCALE_FLOOR, KVStats, QKQuant
+from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FLOOR, KVStats, QKQuant, fp8_v_scale
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
+_INT8_MAX = tl.constexpr(INT8_MAX)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 # The token reductions' launch shape (kv_stats' docstring says where the numbers come from).
 KV_PROGRAMS, KV_MIN_CHUNK, KV_WARPS, KV_STAGES = 1056, 1536, 4, 3
@@ -51,11 +53,10 @@ def _round_half_away(x):
 
 @triton.jit
 def _smoothed_rows(base, o_t, s_xl, o_d, L, D: tl.constexpr, mean, HAS_MEAN: tl.constexpr):
-    """Rows ``o_t`` of one head as fp32 [len(o_t), DP], minus ``mean`` [DP] when HAS_MEAN; 0 past L and D."""
-    m_x = (o_t < L)[:, None] & (o_d < D)[None, :]
-    x = tl.load(tile_ptrs(base, o_t, s_xl, o_d), mask=m_x, other=0.0).to(tl.float32)
+    """Rows ``o_t`` of one head as fp32 [len(o_t), DP], minus ``mean`` [DP] (0 past D) when HAS_MEAN; 0 past L and D."""
+    x = load_rows(base, o_t, s_xl, o_d, L, D, False).to(tl.float32)
     if HAS_MEAN:
-        x = tl.where(m_x, x - mean[None, :], 0.0)
+        x = tl.where((o_t < L)[:, None], x - mean[None, :], 0.0)
     return x
 
 
@@ -104,7 +105,7 @@ def quant_block_kernel(
     rows = tl.minimum(L - i_n * BLK, BLK).to(tl.float32)
     b_sum = tl.sum(a_sum, axis=0)
     tl.store(x_pool + (i_bh.to(tl.int64) * N + i_n) * DP + o_d, b_sum / rows)
-    scale = tl.maximum(tl.max(a_max), 1e-30) * (1.0 / 127.0)
+    scale = tl.maximum(tl.max(a_max), _SCALE_FLOOR) * (1.0 / _INT8_MAX)
     # Max reductions skip NaN (on the GPU and in the interpreter): a NaN in the block, seen through its sum, makes
     # the scale NaN, so every score of the block is NaN as the reference's (and dense attention's) would be.
     b_total = tl.sum(b_sum)
@@ -115,7 +116,7 @@ def quant_block_kernel(
     for r in tl.static_range(0, BLK, RC):
         o_t = i_n * BLK + r + tl.arange(0, RC)
         b_x = _smoothed_rows(base, o_t, s_xl, o_d, L, D, b_mean, HAS_MEAN)
-        b_q = tl.minimum(tl.maximum(_round_half_away(b_x * mult * inv), -127.0), 127.0)
+        b_q = tl.minimum(tl.maximum(_round_half_away(b_x * mult * inv), -_INT8_MAX), _INT8_MAX)
         p_q = x_int8 + (i_bh.to(tl.int64) * N * BLK + o_t[:, None]) * DP + o_d[None, :]
         tl.store(p_q, b_q.to(tl.int8))
 
@@ -499,7 +500,7 @@ def quant_v_fp8(v: torch.Tensor, v_amax: torch.Tensor, padded_length: int) -> tu
     Returns:
         v_fp8t [B, H, DP, padded_length] float8_e4m3fn and v_scale [B, H, D] fp32.
     """
-    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
+    scale = fp8_v_scale(v_amax)
     return quant_v_fp8_scaled(v, scale, padded_length), scale
 
 

@@ -116,6 +116,11 @@ def quant_qk_ref(
     return QKQuant(q_int8, q_scale, pool_blocks_ref(qf, block_q), k_int8, k_scale, pool_blocks_ref(ks, block_k), k_mean)
 
 
+def fp8_v_scale(v_amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel FP8 V scales from the channel maxima [B, H, D]: ``max(amax, SCALE_FLOOR) / FP8_MAX``."""
+    return v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
+
+
 def quant_v_fp8_ref(v: torch.Tensor, v_amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 e4m3 V with one scale per channel over all tokens.
 
@@ -125,5 +130,5 @@ def quant_v_fp8_ref(v: torch.Tensor, v_amax: torch.Tensor) -> tuple[torch.Tensor
     Returns:
         v_fp8 [B, H, L, D] float8_e4m3fn and v_scale [B, H, D] fp32 (``v ~= v_fp8 * v_scale``).
     """
-    scale = v_amax.clamp(min=SCALE_FLOOR) * (1.0 / FP8_MAX)
+    scale = fp8_v_scale(v_amax)
     return (v.float() * torch.reciprocal(scale)[..., None, :]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
