@@ -28,7 +28,15 @@ from sagesla import metrics, sparse_linear_attn
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant import inference_stats, kv_stats, quant_qk, quant_v_fp8_scaled
+from sagesla.kernels.quant import (
+    KV_PROGRAMS,
+    KV_STAGES,
+    KV_WARPS,
+    inference_stats,
+    kv_stats,
+    quant_qk,
+    quant_v_fp8_scaled,
+)
 from sagesla.kernels.quant_ref import LOG2E
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sla_train import sla_train_forward
@@ -46,8 +54,14 @@ SHAPES = [
 TOPKS = (0.05, 0.1, 0.2)
 # (num_warps, num_stages) of the sparse kernel tried at topk 0.05 with --sweep.
 SWEEP = ((4, 2), (4, 1), (8, 1))
-# (programs, num_warps, num_stages) of kv_stats tried with --sweep.
-KV_SWEEP = ((1056, 4, 3), (528, 4, 3), (2112, 4, 3), (1056, 4, 2))
+# (programs, num_warps, num_stages) of kv_stats tried with --sweep: the default, half and twice the programs, a stage
+# fewer.
+KV_SWEEP = (
+    (KV_PROGRAMS, KV_WARPS, KV_STAGES),
+    (KV_PROGRAMS // 2, KV_WARPS, KV_STAGES),
+    (KV_PROGRAMS * 2, KV_WARPS, KV_STAGES),
+    (KV_PROGRAMS, KV_WARPS, KV_STAGES - 1),
+)
 # (num_warps, num_stages) of each trainable-SLA kernel tried with --sweep (defaults: sparse_attn_train.LAUNCH).
 TRAIN_SWEEP = ((4, 2), (4, 3), (8, 2), (8, 3))
 TRAIN_SWEEP_KEYS = tuple(f" w{w}s{s}" for w, s in TRAIN_SWEEP)
