@@ -25,6 +25,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sagesla import metrics, sparse_linear_attn
+from sagesla.backends import default_pv_precision
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
@@ -359,6 +360,34 @@ def train_rows(q, k, v, shape, flops, proj, accurate, sweep) -> tuple[list[Row],
     return rows, stage_rows
 
 
+def pv_auto_summary(stage_rows: list[dict], rows: list[Row], auto: str) -> dict:
+    """What ``pv_precision="auto"`` takes on this GPU (``auto``) against this run: at how many (shape, topk) points
+    each P.V precision had the lower total, and each one's rel-L1 range (L=8192)."""
+    totals = {(s["shape"], s["topk"], s["pv"]): s["total"] for s in stage_rows}
+    points = sorted({(shape, topk) for shape, topk, pv in totals if (shape, topk, "fp8") in totals})
+    faster = [min(("fp8", "half"), key=lambda pv, p=p: totals[(*p, pv)]) for p in points if (*p, "half") in totals]
+    errors = {pv: [r.rel_l1 for r in rows if r.op == f"SageSLA ours (P.V {pv})" and r.rel_l1 is not None]
+              for pv in ("fp8", "half")}  # fmt: skip
+    return {
+        "auto": auto,
+        "points": len(faster),
+        "faster": {pv: faster.count(pv) for pv in ("fp8", "half")},
+        "rel_l1": {pv: [min(e), max(e)] for pv, e in errors.items() if e},
+    }
+
+
+def pv_auto_line(summary: dict) -> str:
+    """``pv_auto_summary`` as one sentence of the report."""
+    counts = ", ".join(f"{pv} at {n}" for pv, n in summary["faster"].items())
+    errors = ", ".join(f"{pv} {lo:.4f}-{hi:.4f}" for pv, (lo, hi) in summary["rel_l1"].items())
+    agrees = summary["faster"][summary["auto"]] == summary["points"]
+    verdict = "agrees with every point" if agrees else "does NOT agree with every point: revisit default_pv_precision"
+    return (
+        f"P.V precision: pv_precision='auto' takes {summary['auto']} on this GPU; lower total in this run: {counts} "
+        f"of {summary['points']} shape/topk points ({verdict}); rel-L1 at L=8192: {errors or 'not measured'}."
+    )
+
+
 def bench_shape(b, h, l, d, name, blocks, sage, sweep, parts) -> tuple[list[Row], list[dict], list[dict]]:
     """Dense baselines once, then ours at each topk and P.V precision, with accuracy and stage times; then the
     trainable SLA's forward and forward+backward against SDPA's (``parts``: "inference", "train" or both)."""
@@ -521,17 +550,20 @@ def main() -> None:
         for s in train_stage_rows
         if any(k.endswith(TRAIN_SWEEP_KEYS) for k in s)
     ]
+    pv_auto = pv_auto_summary(stage_rows, rows, default_pv_precision(torch.device("cuda")))
+    notes = [pv_auto_line(pv_auto)] if pv_auto["points"] else []
     print(table)
     print()
     print(stage_table)
     print()
     print(train_stage_table)
-    print("\n".join(sweeps))
+    print("\n".join([*notes, *sweeps]))
+    payload = {"rows": [asdict(r) for r in rows], "stages": stage_rows, "train_stages": train_stage_rows}
     write_report(
         pathlib.Path(args.out_dir) / f"{gpu.replace(' ', '-')}-attention",
         header,
-        {"rows": [asdict(r) for r in rows], "stages": stage_rows, "train_stages": train_stage_rows},
-        "\n\n".join((table, stage_table, train_stage_table, *sweeps)),
+        {**payload, "pv_auto": pv_auto} if notes else payload,
+        "\n\n".join((table, stage_table, *notes, train_stage_table, *sweeps)),
     )
 
 

@@ -54,3 +54,30 @@ def test_patch_wan_check_tiny(monkeypatch, capsys):
     runpy.run_path(str(SCRIPTS / "patch_wan_check.py"), run_name="__main__")
     out = capsys.readouterr().out
     assert "replaced 2" in out and "last call of 2 layer(s): SLA, sparsity 0.750" in out
+
+
+def test_bench_attention_pv_auto_summary_counts_the_faster_precision():
+    bench = runpy.run_path(str(SCRIPTS / "bench_attention.py"), run_name="bench_attention")
+    row = bench["Row"]
+    stages = [
+        {"shape": "A", "topk": 0.05, "pv": "fp8", "total": 0.86},
+        {"shape": "A", "topk": 0.05, "pv": "half", "total": 0.98},
+        {"shape": "B", "topk": 0.05, "pv": "fp8", "total": 2.5},
+        {"shape": "B", "topk": 0.05, "pv": "half", "total": 2.4},
+    ]
+    rows = [
+        row("A", 0.05, "SageSLA ours (P.V fp8)", 0.86, 1.0, 1.0, 0.036, 0.999),
+        row("A", 0.05, "SageSLA ours (P.V half)", 0.98, 1.0, 1.0, 0.0125, 0.9999),
+        row("B", 0.05, "SageSLA ours (P.V fp8)", 2.5, 1.0, 1.0),
+    ]
+    summary = bench["pv_auto_summary"](stages, rows, "fp8")
+    assert summary == {
+        "auto": "fp8",
+        "points": 2,
+        "faster": {"fp8": 1, "half": 1},
+        "rel_l1": {"fp8": [0.036, 0.036], "half": [0.0125, 0.0125]},
+    }
+    line = bench["pv_auto_line"](summary)
+    assert "takes fp8" in line and "fp8 at 1, half at 1 of 2" in line and "does NOT agree" in line
+    stages[3]["total"] = 2.6
+    assert "(agrees with every point)" in bench["pv_auto_line"](bench["pv_auto_summary"](stages, rows, "fp8"))
