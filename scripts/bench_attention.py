@@ -8,10 +8,12 @@ Prints a markdown table and writes ``<out-dir>/<gpu>-attention.{json,md}``. Timi
 second total, are medians of CUDA-graph replays: GPU time without Python's launch overhead);
 TFLOP/s-eq = 4*B*H*L^2*D / time for a forward and 3.5 times that for forward+backward (the backward as 2.5
 forwards, FlashAttention's count).
-Accuracy (rel-L1, cosine) is measured at L=8192 with the same H, D against a float32 dense reference masked to
-the same block selection, with a random ``proj_l`` of std 0.02 (anchors.md's setup). For the trainable SLA
-(unquantized, blocks 64 x 64, the module's default) the forward+backward rows report the worst rel-L1 and cosine
-over out, dq, dk, dv and d proj_l against fp32 autograd of the reference with the same selection.
+The reference SageSLA (thu-ml/SLA's ``SageSLA`` package on spas_sage_attn, both built from source) gets a row
+per topk when both are installed. Accuracy (rel-L1, cosine) is measured at L=8192 with the same H, D against a
+float32 dense reference masked to the same block selection, with a random ``proj_l`` of std 0.02 (anchors.md's
+setup). For the trainable SLA (unquantized, blocks 64 x 64, the module's default) the forward+backward rows
+report the worst rel-L1 and cosine over out, dq, dk, dv and d proj_l against fp32 autograd of the reference with
+the same selection.
 """
 
 import argparse
@@ -364,6 +366,21 @@ def train_rows(q, k, v, shape, flops, proj, accurate, sweep) -> tuple[list[Row],
     return rows, stage_rows
 
 
+def reference_sagesla(head_dim: int, topk: float, proj: tuple[torch.Tensor, torch.Tensor]):
+    """thu-ml's SageSLA (``SageSLA.SageSparseLinearAttention`` of github.com/thu-ml/SLA on spas_sage_attn's CUDA
+    kernels) with our ``proj_l``, as a module to call on (q, k, v), or None when either package is not installed.
+    Its blocks are its own (64 x 128 on sm90, 128 x 64 elsewhere), its selection one global topk."""
+    if importlib.util.find_spec("spas_sage_attn") is None or importlib.util.find_spec("SageSLA") is None:
+        return None
+    from SageSLA import SageSparseLinearAttention
+
+    module = SageSparseLinearAttention(head_dim, topk, feature_map="softmax").to(proj[0].device)
+    with torch.no_grad():
+        module.proj_l.weight.copy_(proj[0])
+        module.proj_l.bias.copy_(proj[1])
+    return module
+
+
 def pv_auto_summary(stage_rows: list[dict], rows: list[Row], auto: str) -> dict:
     """What ``pv_precision="auto"`` takes on this GPU (``auto``) against this run: at how many (shape, topk) points
     each P.V precision had the lower total, and each one's rel-L1 range (L=8192)."""
@@ -432,6 +449,13 @@ def bench_shape(b, h, l, d, name, blocks, sage, sweep, parts) -> tuple[list[Row]
                     Row(shape, topk, f"  kernel only (P.V {pv})", kernel_ms, flops / kernel_ms / 1e9, best / kernel_ms)
                 )
                 stage_rows.append({"shape": shape, "topk": topk, "pv": pv, "total": ms, **st})
+            peer = reference_sagesla(d, topk, proj)
+            if peer is not None:
+                with torch.no_grad():
+                    ms = bench(lambda peer=peer: peer(q, k, v))
+                rows.append(
+                    Row(shape, topk, "SageSLA reference (thu-ml, spas_sage_attn)", ms, flops / ms / 1e9, best / ms)
+                )
     if "train" in parts:
         train, train_stage_rows = train_rows(q, k, v, shape, flops, proj, accurate, sweep)
         rows += train
@@ -556,6 +580,13 @@ def main() -> None:
     ]
     pv_auto = pv_auto_summary(stage_rows, rows, default_pv_precision(torch.device("cuda")))
     notes = [pv_auto_line(pv_auto)] if pv_auto["points"] else []
+    peers = {
+        "sageattention": sage,
+        "thu-ml's SageSLA on spas_sage_attn": any(r.op.startswith("SageSLA reference") for r in rows),
+    }
+    missing = [name for name, found in peers.items() if not found]
+    if missing and "inference" in parts:
+        notes.append(f"Peers without a row (not installed here): {', '.join(missing)}.")
     print(table)
     print()
     print(stage_table)
@@ -566,7 +597,7 @@ def main() -> None:
     write_report(
         pathlib.Path(args.out_dir) / f"{gpu.replace(' ', '-')}-attention",
         header,
-        {**payload, "pv_auto": pv_auto} if notes else payload,
+        {**payload, "pv_auto": pv_auto} if pv_auto["points"] else payload,
         "\n\n".join((table, stage_table, *notes, train_stage_table, *sweeps)),
     )
 

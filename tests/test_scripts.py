@@ -81,3 +81,27 @@ def test_bench_attention_pv_auto_summary_counts_the_faster_precision():
     assert "takes fp8" in line and "fp8 at 1, half at 1 of 2" in line and "does NOT agree" in line
     stages[3]["total"] = 2.6
     assert "(agrees with every point)" in bench["pv_auto_line"](bench["pv_auto_summary"](stages, rows, "fp8"))
+
+
+def test_bench_attention_reference_sagesla_row_only_when_installed(monkeypatch):
+    import importlib.machinery
+    import types
+
+    bench = runpy.run_path(str(SCRIPTS / "bench_attention.py"), run_name="bench_attention")
+    proj = (torch.randn(8, 8), torch.randn(8))
+    assert bench["reference_sagesla"](8, 0.05, proj) is None  # neither package is installed here
+
+    class FakeSageSLA(torch.nn.Module):
+        def __init__(self, head_dim, topk, feature_map="softmax", use_bf16=True, tie_feature_map_qk=True):
+            super().__init__()
+            self.args = (head_dim, topk, feature_map)
+            self.proj_l = torch.nn.Linear(head_dim, head_dim)
+
+    for name in ("spas_sage_attn", "SageSLA"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["SageSLA"].SageSparseLinearAttention = FakeSageSLA
+    peer = bench["reference_sagesla"](8, 0.05, proj)
+    assert peer.args == (8, 0.05, "softmax")
+    assert torch.equal(peer.proj_l.weight, proj[0]) and torch.equal(peer.proj_l.bias, proj[1])
