@@ -48,6 +48,7 @@ from sagesla.kernels.sparse_attn_ref import sparse_attn_ref
 from sagesla.kernels.sparse_attn_train import key_block_queries, sparse_attn_train_bwd, sparse_attn_train_fwd
 from sagesla.tables import markdown_table, run_header, write_report
 from sagesla.testing import sla_dense_reference
+from sagesla.validation import PV_PRECISIONS
 
 SHAPES = [
     (1, 12, 32760, 128, "Wan2.1-1.3B 480p"),
@@ -55,6 +56,10 @@ SHAPES = [
     (1, 40, 75600, 128, "Wan2.1-14B 720p"),
 ]
 TOPKS = (0.05, 0.1, 0.2)
+# P.V precisions of ours timed at each topk (the public API's explicit choices, "auto" picks one of them).
+PVS = tuple(pv for pv in PV_PRECISIONS if pv != "auto")
+# Row label of the reference SageSLA (thu-ml's, on spas_sage_attn), when installed.
+REFERENCE_SAGESLA = "SageSLA reference (thu-ml, spas_sage_attn)"
 # (num_warps, num_stages) of the sparse kernel tried at topk 0.05 with --sweep.
 SWEEP = ((4, 2), (4, 1), (8, 1))
 # (programs, num_warps, num_stages) of kv_stats tried with --sweep: the default, half and twice the programs, a stage
@@ -366,6 +371,11 @@ def train_rows(q, k, v, shape, flops, proj, accurate, sweep) -> tuple[list[Row],
     return rows, stage_rows
 
 
+def ours_label(pv: str) -> str:
+    """Row label of ours (the whole forward) at P.V precision ``pv``."""
+    return f"SageSLA ours (P.V {pv})"
+
+
 def reference_sagesla(head_dim: int, topk: float, proj: tuple[torch.Tensor, torch.Tensor]):
     """thu-ml's SageSLA (``SageSLA.SageSparseLinearAttention`` of github.com/thu-ml/SLA on spas_sage_attn's CUDA
     kernels) with our ``proj_l``, as a module to call on (q, k, v), or None when either package is not installed.
@@ -385,14 +395,13 @@ def pv_auto_summary(stage_rows: list[dict], rows: list[Row], auto: str) -> dict:
     """What ``pv_precision="auto"`` takes on this GPU (``auto``) against this run: at how many (shape, topk) points
     each P.V precision had the lower total, and each one's rel-L1 range (L=8192)."""
     totals = {(s["shape"], s["topk"], s["pv"]): s["total"] for s in stage_rows}
-    points = sorted({(shape, topk) for shape, topk, pv in totals if (shape, topk, "fp8") in totals})
-    faster = [min(("fp8", "half"), key=lambda pv, p=p: totals[(*p, pv)]) for p in points if (*p, "half") in totals]
-    errors = {pv: [r.rel_l1 for r in rows if r.op == f"SageSLA ours (P.V {pv})" and r.rel_l1 is not None]
-              for pv in ("fp8", "half")}  # fmt: skip
+    points = sorted({(shape, topk) for shape, topk, _ in totals})
+    faster = [min(PVS, key=lambda pv, p=p: totals[(*p, pv)]) for p in points if all((*p, pv) in totals for pv in PVS)]
+    errors = {pv: [r.rel_l1 for r in rows if r.op == ours_label(pv) and r.rel_l1 is not None] for pv in PVS}
     return {
         "auto": auto,
         "points": len(faster),
-        "faster": {pv: faster.count(pv) for pv in ("fp8", "half")},
+        "faster": {pv: faster.count(pv) for pv in PVS},
         "rel_l1": {pv: [min(e), max(e)] for pv, e in errors.items() if e},
     }
 
@@ -439,10 +448,10 @@ def bench_shape(b, h, l, d, name, blocks, sage, sweep, parts) -> tuple[list[Row]
             rows.append(Row(shape, None, "sageattention 1.0.6", ms, flops / ms / 1e9, best / ms))
         out = torch.empty_like(q)
         for topk in TOPKS:
-            for pv in ("fp8", "half"):
+            for pv in PVS:
                 ms = bench(lambda topk=topk, pv=pv: ours(q, k, v, topk, pv, proj, out, blocks))
                 err = accuracy(h, d, topk, pv, blocks) if accurate else (None, None)
-                rows.append(Row(shape, topk, f"SageSLA ours (P.V {pv})", ms, flops / ms / 1e9, best / ms, *err))
+                rows.append(Row(shape, topk, ours_label(pv), ms, flops / ms / 1e9, best / ms, *err))
                 st = stages(q, k, v, topk, pv, proj, blocks, sweep=sweep and topk == TOPKS[0])
                 kernel_ms = st["sparse+linear"]
                 rows.append(
@@ -453,9 +462,7 @@ def bench_shape(b, h, l, d, name, blocks, sage, sweep, parts) -> tuple[list[Row]
             if peer is not None:
                 with torch.no_grad():
                     ms = bench(lambda peer=peer: peer(q, k, v))
-                rows.append(
-                    Row(shape, topk, "SageSLA reference (thu-ml, spas_sage_attn)", ms, flops / ms / 1e9, best / ms)
-                )
+                rows.append(Row(shape, topk, REFERENCE_SAGESLA, ms, flops / ms / 1e9, best / ms))
     if "train" in parts:
         train, train_stage_rows = train_rows(q, k, v, shape, flops, proj, accurate, sweep)
         rows += train
@@ -582,7 +589,7 @@ def main() -> None:
     notes = [pv_auto_line(pv_auto)] if pv_auto["points"] else []
     peers = {
         "sageattention": sage,
-        "thu-ml's SageSLA on spas_sage_attn": any(r.op.startswith("SageSLA reference") for r in rows),
+        "thu-ml's SageSLA on spas_sage_attn": any(r.op == REFERENCE_SAGESLA for r in rows),
     }
     missing = [name for name, found in peers.items() if not found]
     if missing and "inference" in parts:
