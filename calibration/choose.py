@@ -100,7 +100,8 @@ def choose(
     check_selection(budget, metric, per_head, target_sparsity)
     if target_sparsity is not None:
         budget = _budget_for_sparsity(measurements, metric, per_head, float(target_sparsity))
-    return _choose(measurements, Selection(metric, float(budget), per_head, target_sparsity))
+    target = None if target_sparsity is None else float(target_sparsity)
+    return _choose(measurements, Selection(metric, float(budget), per_head, target))
 
 
 def check_selection(budget: float, metric: str, per_head: bool, target_sparsity: float | None) -> None:

@@ -6,27 +6,43 @@ H heads per layer. Errors compare SLA's attention output with dense attention's,
 call ("layer") or over one head of it ("head"); an observation is one batch row of one attention call.
 
 File: safetensors, tensors on CPU (see ``TENSORS``), and a header whose metadata holds ``format``
-("sagesla.profile"), ``schema_version``, ``sha256`` (of the tensors) and ``profile`` (JSON: model class, layer
-fingerprint, SLA settings, candidates, bucket edges, selection rule, environment). ``load_profile`` checks all of
-it and builds the ``Profile`` only when everything is right: a bad file raises ``ProfileError``, never half-loads.
+("sagesla.profile"), ``schema_version``, ``profile`` (JSON: model class, layer fingerprint, SLA settings,
+candidates, bucket edges, selection rule, environment) and ``sha256``, one digest of all the rest (``_digest``: the
+format, the schema version, the JSON header and every tensor's name, dtype, shape and bytes). ``load_profile``
+checks all of it and builds the ``Profile`` only when everything is right: a bad file raises ``ProfileError``
+naming the file and the field, never half-loads. Every field is checked, with its type, in the dataclasses'
+``__post_init__``, so a ``Profile`` built in code passes the same checks as one read from a file.
 """
 
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+
+from sagesla import validation
 
 FORMAT = "sagesla.profile"
-SCHEMA_VERSION = 1
+# Version 1's checksum covered the tensors only, so nothing vouches for its header: it is refused (recalibrate).
+SCHEMA_VERSION = 2
 METRICS = ("rel_l1", "cosine")
+# The file's metadata keys, and the JSON header's fields (``Profile._header``), all required and nothing else.
+METADATA_KEYS = ("format", "schema_version", "profile", "sha256")
+HEADER_FIELDS = ("model_class", "layers", "attention", "candidates", "bucket_edges", "selection", "info")
+# Bounds of the header's numbers: far above any model or kernel configuration, low enough to stop a typo.
+MAX_BLOCK_SIZE = 1024
+MAX_HEADS = 1024
+MAX_HEAD_DIM = 1024
+# ``info`` nests lists / objects at most this deep, its own level included. The parser refuses anything deeper than
+# MAX_HEADER_DEPTH before the digest is taken: the header's level, info's, and one more so info's check names it.
+MAX_INFO_DEPTH = 4
+MAX_HEADER_DEPTH = MAX_INFO_DEPTH + 2
 
 # Measured tensors: name -> (dtype, shape letters).
 MEASURED = {
@@ -59,6 +75,59 @@ class LayerSpec(NamedTuple):
     head_dim: int
 
 
+def _got(value: object) -> str:
+    return f"{type(value).__name__} {value!r:.80}"
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not validation.is_number(value, int) or not low <= value <= high:
+        raise ProfileError(f"`{name}` must be an int in [{low}, {high}], got {_got(value)}")
+
+
+def _check_float(name: str, value: object, accepted: str, within: Callable[[float], bool]) -> None:
+    """``value`` must be a finite float (not an int, not a bool) for which ``within`` holds (``accepted`` says so)."""
+    if not validation.is_number(value, float) or not math.isfinite(value) or not within(value):
+        raise ProfileError(f"`{name}` must be a finite float {accepted}, got {_got(value)}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ProfileError(f"`{name}` must be a bool, got {_got(value)}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ProfileError(f"`{name}` must be one of {choices}, got {_got(value)}")
+
+
+def _check_ascending(name: str, values: object, accepted: str, within: Callable[[float], bool]) -> None:
+    """A tuple of strictly ascending finite floats, each ``accepted``."""
+    if not isinstance(values, tuple):
+        raise ProfileError(f"`{name}` must be a tuple of floats, got {_got(values)}")
+    for i, value in enumerate(values):
+        _check_float(f"{name}[{i}]", value, accepted, within)
+    if list(values) != sorted(set(values)):
+        raise ProfileError(f"`{name}` must be strictly ascending, got {list(values)}")
+
+
+def _check_json(name: str, value: object, depth: int) -> None:
+    """JSON data (str keys, finite numbers) with lists / dicts at most ``depth`` levels deep, ``value``'s included."""
+    if isinstance(value, (list, tuple, dict)) and depth < 1:
+        raise ProfileError(f"`{name}` nests deeper than {MAX_INFO_DEPTH} levels from `info`, got {_got(value)}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProfileError(f"`{name}` keys must be str, got {_got(key)}")
+            _check_json(f"{name}.{key}", item, depth - 1)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(f"{name}[{i}]", item, depth - 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ProfileError(f"`{name}` must be finite, got {value!r}")
+    elif value is not None and not isinstance(value, (str, int, float)):
+        raise ProfileError(f"`{name}` must be JSON data (str, int, float, bool, None, list, dict), got {_got(value)}")
+
+
 @dataclass(frozen=True)
 class AttentionSettings:
     """The SLA settings the candidates ran with (``block_q`` / ``block_k`` resolved for the device).
@@ -75,6 +144,15 @@ class AttentionSettings:
     backend: str
     pv_precision: str
 
+    def __post_init__(self) -> None:
+        _check_bool("attention.quantized", self.quantized)
+        _check_int("attention.block_q", self.block_q, 1, MAX_BLOCK_SIZE)
+        _check_int("attention.block_k", self.block_k, 1, MAX_BLOCK_SIZE)
+        _check_choice("attention.linear_scope", self.linear_scope, validation.LINEAR_SCOPES)
+        _check_choice("attention.feature_map", self.feature_map, validation.FEATURE_MAPS)
+        _check_choice("attention.backend", self.backend, validation.BACKENDS)
+        _check_choice("attention.pv_precision", self.pv_precision, validation.PV_PRECISIONS)
+
 
 # The settings patch checks against a profile.
 CHECKED_SETTINGS = ("quantized", "block_q", "block_k", "linear_scope", "feature_map")
@@ -89,6 +167,22 @@ def _check_tensor(name: str, tensor: object, dtype: torch.dtype, shape: tuple[in
         )
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
         raise ProfileError(f"`{name}` holds NaN/Inf")
+
+
+def _check_layers(layers: object) -> None:
+    if not isinstance(layers, tuple) or not layers:
+        raise ProfileError(f"`layers` must be a non-empty tuple of LayerSpec, got {_got(layers)}")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, LayerSpec):
+            raise ProfileError(f"`layers[{i}]` must be a LayerSpec(name, heads, head_dim), got {_got(layer)}")
+        if not isinstance(layer.name, str) or not layer.name:
+            raise ProfileError(f"`layers[{i}].name` must be a non-empty str, got {_got(layer.name)}")
+        _check_int(f"layers[{i}].heads", layer.heads, 1, MAX_HEADS)
+        _check_int(f"layers[{i}].head_dim", layer.head_dim, 1, MAX_HEAD_DIM)
+    if len({layer.heads for layer in layers}) != 1:
+        raise ProfileError(f"`layers` must all have one head count, got {list(layers)}")
+    if len({layer.name for layer in layers}) != len(layers):
+        raise ProfileError(f"`layers` names must be unique, got {[layer.name for layer in layers]}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,15 +222,20 @@ class Measurements:
     info: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.layers or len({layer.heads for layer in self.layers}) != 1:
-            raise ProfileError(f"`layers` must be non-empty with one head count, got {list(self.layers)}")
-        if len({layer.name for layer in self.layers}) != len(self.layers):
-            raise ProfileError(f"`layers` names must be unique, got {[layer.name for layer in self.layers]}")
-        candidates, edges = self.candidates, self.bucket_edges
-        if not candidates or any(not 0 < c <= 1 for c in candidates) or list(candidates) != sorted(set(candidates)):
-            raise ProfileError(f"`candidates` must be strictly ascending values in (0, 1], got {list(candidates)}")
-        if any(not math.isfinite(e) for e in edges) or list(edges) != sorted(set(edges)):
-            raise ProfileError(f"`bucket_edges` must be strictly ascending finite values, got {list(edges)}")
+        if not isinstance(self.model_class, str) or not self.model_class.isidentifier():
+            raise ProfileError(
+                f"`model_class` must be a class name (a Python identifier), got {_got(self.model_class)}"
+            )
+        _check_layers(self.layers)
+        if not isinstance(self.attention, AttentionSettings):
+            raise ProfileError(f"`attention` must be an AttentionSettings, got {_got(self.attention)}")
+        _check_ascending("candidates", self.candidates, "in (0, 1]", lambda c: 0 < c <= 1)
+        if not self.candidates:
+            raise ProfileError("`candidates` must not be empty")
+        _check_ascending("bucket_edges", self.bucket_edges, ">= 0 (a timestep)", lambda e: e >= 0)
+        if not isinstance(self.info, dict):
+            raise ProfileError(f"`info` must be a dict, got {_got(self.info)}")
+        _check_json("info", self.info, MAX_INFO_DEPTH)
         for name, (dtype, letters) in MEASURED.items():
             _check_tensor(name, getattr(self, name), dtype, self.shape(letters))
         if bool((self.calls < 1).any()):
@@ -170,10 +269,11 @@ class Selection:
     target_sparsity: float | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ProfileError(f"`metric` must be one of {METRICS}, got {self.metric!r}")
-        if not (isinstance(self.budget, float) and math.isfinite(self.budget) and self.budget >= 0):
-            raise ProfileError(f"`budget` must be a finite float >= 0, got {self.budget!r}")
+        _check_choice("selection.metric", self.metric, METRICS)
+        _check_float("selection.budget", self.budget, ">= 0", lambda budget: budget >= 0)
+        _check_bool("selection.per_head", self.per_head)
+        if self.target_sparsity is not None:
+            _check_float("selection.target_sparsity", self.target_sparsity, "in [0, 1) or None", lambda t: 0 <= t < 1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -200,6 +300,10 @@ class Profile:
     met: torch.Tensor
 
     def __post_init__(self) -> None:
+        if not isinstance(self.measurements, Measurements):
+            raise ProfileError(f"`measurements` must be a Measurements, got {_got(self.measurements)}")
+        if not isinstance(self.selection, Selection):
+            raise ProfileError(f"`selection` must be a Selection, got {_got(self.selection)}")
         for name, (dtype, letters) in CHOSEN.items():
             _check_tensor(name, getattr(self, name), dtype, self.measurements.shape(letters))
         candidates = torch.tensor(self.measurements.candidates, dtype=torch.float64)
@@ -274,11 +378,13 @@ class Profile:
         from sagesla.patching.checkpoints import save_file_atomic
 
         tensors = self._tensors()
+        header = json.dumps(self._header(), allow_nan=False)
         metadata = {
             "format": FORMAT,
             "schema_version": str(SCHEMA_VERSION),
-            "sha256": _digest(tensors),
-            "profile": json.dumps(self._header()),
+            "profile": header,
+            # Of the header as a reader parses it, so writer and reader digest the same values.
+            "sha256": _digest(json.loads(header), tensors),
         }
         save_file_atomic(tensors, path, metadata)
 
@@ -299,9 +405,27 @@ class Profile:
         }
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 of the tensors serialized alone (safetensors' byte layout is deterministic)."""
-    return hashlib.sha256(save(tensors)).hexdigest()
+def _digest(header: object, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of everything a profile file says, in one canonical byte string.
+
+    The bytes: an 8-byte little-endian length, then the canonical JSON (sorted keys, no spaces, ASCII) of
+    ``{"format", "schema_version", "profile": header, "tensors": [[name, dtype, shape], ...]}``, then each tensor's
+    bytes (C order, little-endian), tensors in name order. Whitespace and key order of the stored header do not
+    change the digest; any value, type, field or tensor byte does.
+    """
+    ordered = sorted(tensors.items())
+    document = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "profile": header,
+        "tensors": [[name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)] for name, tensor in ordered],
+    }
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    digest = hashlib.sha256(len(text).to_bytes(8, "little") + text)
+    for _, tensor in ordered:
+        array = tensor.detach().cpu().contiguous().numpy()
+        digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return digest.hexdigest()
 
 
 def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -310,54 +434,151 @@ def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except SafetensorError as error:
-        raise ProfileError(
-            f"profile {str(path)!r} is not a readable safetensors file (truncated? corrupted?): {error}"
-        ) from error
+        raise ProfileError(f"not a readable safetensors file (truncated? corrupted?): {error}") from error
     return metadata, tensors
 
 
-def _build(header: dict, tensors: dict[str, torch.Tensor]) -> Profile:
-    """The ``Profile`` of a parsed header and its tensors (raises KeyError / TypeError on a malformed header)."""
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ProfileError(f"the header names the key {key!r} twice in one object")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    raise ProfileError(f"the header holds {name}: every number must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ProfileError(f"the header holds the number {text}, which overflows a float: every number must be finite")
+    return value
+
+
+def _check_depth(name: str, value: object, depth: int) -> None:
+    """No list or object deeper than ``depth`` levels inside ``value`` (``name`` its path, "" for the header)."""
+    if not isinstance(value, (dict, list)):
+        return
+    if depth <= 0:
+        raise ProfileError(f"`{name}` nests deeper than {MAX_HEADER_DEPTH} levels: the header has no such field")
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        path = (f"{name}.{key}" if name else key) if isinstance(value, dict) else f"{name}[{key}]"
+        _check_depth(path, item, depth - 1)
+
+
+def _parse(text: str) -> object:
+    """The JSON header, strictly: no NaN / Infinity, no key twice in one object, at most ``MAX_HEADER_DEPTH`` deep."""
+    try:
+        header = json.loads(
+            text, object_pairs_hook=_unique_keys, parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except ProfileError:
+        raise
+    except RecursionError:
+        raise ProfileError(f"the header nests deeper than {MAX_HEADER_DEPTH} levels: it has no such field") from None
+    except ValueError as error:
+        raise ProfileError(f"the header `profile` is not valid JSON: {error}") from None
+    _check_depth("", header, MAX_HEADER_DEPTH)
+    return header
+
+
+def _fields(name: str, value: object, expected: Sequence[str]) -> dict:
+    """``value``, a JSON object with exactly the fields ``expected``."""
+    if not isinstance(value, dict):
+        raise ProfileError(f"`{name}` must be an object with the fields {list(expected)}, got {_got(value)}")
+    missing, unexpected = [key for key in expected if key not in value], sorted(value.keys() - set(expected))
+    if missing or unexpected:
+        raise ProfileError(
+            f"`{name}` must have the fields {list(expected)}: missing {missing}, unexpected {unexpected}"
+        )
+    return value
+
+
+def _array(name: str, value: object) -> tuple:
+    if not isinstance(value, list):
+        raise ProfileError(f"`{name}` must be a JSON array, got {_got(value)}")
+    return tuple(value)
+
+
+def _build(header: object, tensors: dict[str, torch.Tensor]) -> Profile:
+    """The ``Profile`` of a parsed header and its tensors; every field is checked, nothing converted."""
+    header = _fields("header", header, HEADER_FIELDS)
+    layers = []
+    for i, entry in enumerate(_array("layers", header["layers"])):
+        if not isinstance(entry, list) or len(entry) != len(LayerSpec._fields):
+            raise ProfileError(f"`layers[{i}]` must be an array [name, heads, head_dim], got {_got(entry)}")
+        layers.append(LayerSpec(*entry))
+    attention = _fields("attention", header["attention"], [item.name for item in fields(AttentionSettings)])
+    selection = _fields("selection", header["selection"], [item.name for item in fields(Selection)])
     measurements = Measurements(
-        model_class=str(header["model_class"]),
-        layers=tuple(LayerSpec(str(name), int(heads), int(dim)) for name, heads, dim in header["layers"]),
-        attention=AttentionSettings(**header["attention"]),
-        candidates=tuple(float(c) for c in header["candidates"]),
-        bucket_edges=tuple(float(e) for e in header["bucket_edges"]),
-        info=dict(header["info"]),
+        model_class=header["model_class"],
+        layers=tuple(layers),
+        attention=AttentionSettings(**attention),
+        candidates=_array("candidates", header["candidates"]),
+        bucket_edges=_array("bucket_edges", header["bucket_edges"]),
+        info=header["info"],
         **{name: tensors[name] for name in MEASURED},
     )
-    return Profile(measurements, Selection(**header["selection"]), **{name: tensors[name] for name in CHOSEN})
+    return Profile(measurements, Selection(**selection), **{name: tensors[name] for name in CHOSEN})
+
+
+def _check_metadata(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> object:
+    """The parsed JSON header, once format, version, keys, tensor names and the digest are right."""
+    if metadata.get("format") != FORMAT:
+        raise ProfileError(f"not a sagesla profile (format {metadata.get('format')!r}, want {FORMAT!r})")
+    version = metadata.get("schema_version")
+    if version == "1":
+        raise ProfileError(
+            f"schema version '1', whose checksum covers the tensors only and cannot vouch for the header; this "
+            f"sagesla reads version {SCHEMA_VERSION}: recalibrate (sagesla calibrate ... --out) to write it"
+        )
+    if version != str(SCHEMA_VERSION):
+        raise ProfileError(
+            f"schema version {version!r}; this sagesla reads version {SCHEMA_VERSION} (recalibrate, or use the "
+            "sagesla that wrote it)"
+        )
+    missing = [key for key in METADATA_KEYS if key not in metadata]
+    unexpected = sorted(metadata.keys() - set(METADATA_KEYS))
+    if missing or unexpected:
+        raise ProfileError(
+            f"metadata must hold the keys {list(METADATA_KEYS)}: missing {missing}, unexpected {unexpected}"
+        )
+    header = _parse(metadata["profile"])
+    missing, unexpected = sorted(TENSORS.keys() - tensors.keys()), sorted(tensors.keys() - TENSORS.keys())
+    if missing or unexpected:
+        raise ProfileError(f"missing tensors {missing}, unexpected tensors {unexpected}")
+    if metadata["sha256"] != _digest(header, tensors):
+        raise ProfileError(
+            "corrupted or edited: its header and tensors do not match the SHA-256 in its metadata "
+            "(recalibrate; a profile is never edited by hand)"
+        )
+    return header
 
 
 def load_profile(path: str | os.PathLike) -> Profile:
     """Read and validate a profile file; everything is checked before the ``Profile`` exists.
 
+    The SHA-256 in the metadata covers the format, the schema version, the whole JSON header and every tensor
+    (``_digest``), so a changed value anywhere is refused; then every header field is checked (type, range,
+    structure) by the dataclasses that hold it.
+
     Raises:
         FileNotFoundError: no file at ``path``.
-        ProfileError: not a safetensors file, truncated or corrupted (checksum), not a profile, another schema
-            version, a malformed header, or a tensor missing, unexpected or of the wrong dtype / shape / values.
+        ProfileError: (naming the file, and the field where one is at fault) not a safetensors file, truncated,
+            not a profile, another schema version (version 1 included: its checksum did not cover the header), a
+            metadata key missing or unexpected, a checksum mismatch (corrupted, or edited by hand), a header that is
+            not strict JSON (NaN, Infinity, a key twice) or nests too deeply, a header field missing, unexpected,
+            of the wrong type or out of range, or a tensor missing, unexpected or of the wrong dtype / shape /
+            values.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"profile {str(path)!r} does not exist")
-    metadata, tensors = _read(path)
-    where = f"profile {str(path)!r}"
-    if metadata.get("format") != FORMAT:
-        raise ProfileError(f"{where} is not a sagesla profile (format {metadata.get('format')!r}, want {FORMAT!r})")
-    if metadata.get("schema_version") != str(SCHEMA_VERSION):
-        raise ProfileError(
-            f"{where} has schema version {metadata.get('schema_version')!r}; this sagesla reads version "
-            f"{SCHEMA_VERSION} (recalibrate, or use the sagesla that wrote it)"
-        )
-    missing, unexpected = sorted(TENSORS.keys() - tensors.keys()), sorted(tensors.keys() - TENSORS.keys())
-    if missing or unexpected:
-        raise ProfileError(f"{where}: missing tensors {missing}, unexpected tensors {unexpected}")
-    if metadata.get("sha256") != _digest(tensors):
-        raise ProfileError(f"{where} is corrupted: its tensors do not match the checksum in its header")
     try:
-        return _build(json.loads(metadata["profile"]), tensors)
+        metadata, tensors = _read(path)
+        return _build(_check_metadata(metadata, tensors), tensors)
     except ProfileError as error:
-        raise ProfileError(f"{where}: {error}") from None
-    except (KeyError, TypeError, ValueError) as error:
-        raise ProfileError(f"{where} has a malformed header: {type(error).__name__}: {error}") from None
+        raise ProfileError(f"profile {str(path)!r}: {error}") from None

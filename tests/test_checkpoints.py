@@ -188,10 +188,10 @@ def test_a_pickle_posing_as_a_profile_is_refused_without_running(tmp_path):
 
     path, marker = tmp_path / "evil.profile.safetensors", tmp_path / "payload-ran"
     torch.save({"payload": _Evil(marker)}, path)
-    with pytest.raises(ProfileError, match=r"evil.profile.safetensors' is not a readable safetensors file"):
+    with pytest.raises(ProfileError, match=r"evil.profile.safetensors': not a readable safetensors file"):
         load_profile(path)
     model = tiny_wan_transformer()
-    with pytest.raises(ProfileError, match=r"is not a readable safetensors file"):
+    with pytest.raises(ProfileError, match=r"not a readable safetensors file"):
         sagesla.patch(model, profile=path)
     assert not marker.exists() and sagesla.unpatch(model) == []
 
@@ -252,6 +252,67 @@ def test_unreadable_or_mismatched_file_raises_and_changes_nothing(tmp_path, name
     with pytest.raises(ValueError, match=message):
         sagesla.load_sla_weights(model, path.parent if name.startswith("folder/") else path)
     assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+@pytest.mark.parametrize(
+    "second,error,message",
+    [
+        (
+            {KEYS[0]: torch.randn(64, 64)},
+            ValueError,
+            r"folder '.*ckpt' holds the key 'blocks.0.attn1.sla.proj_l.weight' twice: in '.*ckpt/a.safetensors' and in "
+            r"'.*ckpt/b.safetensors'",
+        ),
+        (
+            {TURBO_KEYS[0]: torch.randn(64, 64)},
+            ValueError,
+            r"names one weight twice: 'blocks.0.attn1.sla.proj_l.weight' \(in '.*a.safetensors'\) and "
+            r"'blocks.0.self_attn.attn_op.local_attn.proj_l.weight' \(in '.*b.safetensors'\)",
+        ),
+        (
+            {"blocks.2.attn1.sla.proj_l.bias": torch.full((64,), float("nan"))},
+            ValueError,
+            r"'blocks.2.attn1.sla.proj_l.bias' \(in '.*ckpt/b.safetensors'\) holds NaN/Inf",
+        ),
+        (
+            {"blocks.2.attn1.sla.proj_l.weight": torch.randn(8, 8)},
+            ValueError,
+            r"'blocks.2.attn1.sla.proj_l.weight' \(in '.*ckpt/b.safetensors'\) has shape \(8, 8\)",
+        ),
+        (
+            {"blocks.2.attn1.sla.proj_l.weight": torch.ones(64, 64, dtype=torch.int64)},
+            TypeError,
+            r"SLA checkpoint '.*ckpt': entry 'blocks.2.attn1.sla.proj_l.weight' \(in '.*ckpt/b.safetensors'\) must be",
+        ),
+    ],
+    ids=["same-key-in-two-files", "one-weight-two-names", "nan", "shape", "int"],
+)
+def test_a_folder_names_the_file_of_each_bad_key_and_changes_nothing(tmp_path, second, error, message):
+    """A folder of several files (as save_pretrained shards a model): a key in two files is ambiguous and raises,
+    naming the key and both files; every other fault names the file the key came from. Nothing is loaded."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file(random_weights(), folder / "a.safetensors")
+    save_file(second | {"other.weight": torch.randn(2)}, folder / "b.safetensors")
+    model = _PatchedLike()
+    before = sla_state(model)
+    if "blocks.2" in next(iter(second)):
+        model.blocks.append(_Block())
+        before = sla_state(model)
+    with pytest.raises(error, match=message):
+        sagesla.load_sla_weights(model, folder, strict=False)
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in before.items())
+
+
+def test_a_folder_of_disjoint_shards_loads(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    weights = random_weights()
+    save_file({key: weights[key] for key in KEYS[:2]}, folder / "a.safetensors")
+    save_file({key: weights[key] for key in KEYS[2:]}, folder / "b.safetensors")
+    model = _PatchedLike()
+    assert sagesla.load_sla_weights(model, folder).loaded == KEYS
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in weights.items())
 
 
 def test_saved_file_is_flushed_before_the_rename_and_gets_the_usual_mode(tmp_path, monkeypatch):

@@ -81,7 +81,8 @@ def _select(state: Mapping) -> tuple[dict[str, object], int]:
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 of the tensors serialized alone (safetensors' byte layout is deterministic), as profiles use."""
+    """SHA-256 of the tensors serialized alone (safetensors' byte layout is deterministic). The metadata is not
+    covered: ``load_sla_weights`` reads nothing from it but the format and this checksum."""
     return hashlib.sha256(save(dict(tensors))).hexdigest()
 
 
@@ -119,10 +120,12 @@ def _read_safetensors(file: Path) -> tuple[dict[str, object], int]:
     return chosen, ignored
 
 
-def _read(source: object) -> tuple[dict[str, object], int, str]:
-    """(``proj_l`` entries, count of other keys, description) of a state dict, file or directory."""
+def _read(source: object) -> tuple[dict[str, object], int, str, dict[str, str]]:
+    """(``proj_l`` entries, count of other keys, description, {key: the file it came from}) of a state dict, file or
+    directory. A key in two files of a directory raises ValueError naming both."""
     if isinstance(source, Mapping):
-        return *_select(source), "a state dict"
+        chosen, ignored = _select(source)
+        return chosen, ignored, "a state dict", dict.fromkeys(chosen, "a state dict")
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"`path_or_state_dict` must be a path or a state dict, got {type(source).__name__}")
     path = Path(source)
@@ -135,7 +138,8 @@ def _read(source: object) -> tuple[dict[str, object], int, str]:
             state = state["state_dict"]
         if not isinstance(state, Mapping):
             raise TypeError(f"`path_or_state_dict` {str(path)!r} must hold a state dict, got {type(state).__name__}")
-        return *_select(state), repr(str(path))
+        chosen, ignored = _select(state)
+        return chosen, ignored, repr(str(path)), dict.fromkeys(chosen, repr(str(path)))
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -147,12 +151,18 @@ def _read(source: object) -> tuple[dict[str, object], int, str]:
             "`path_or_state_dict` must be a .safetensors, .pt, .pth or .bin file, a folder of .safetensors files "
             f"(as save_pretrained writes) or a state dict, got {str(path)!r}"
         )
-    chosen, ignored = {}, 0
+    chosen, ignored, origins = {}, 0, {}
     for file in files:
         tensors, others = _read_safetensors(file)
-        chosen |= tensors
+        for key, tensor in tensors.items():
+            if key in chosen:
+                raise ValueError(
+                    f"SLA checkpoint folder {str(path)!r} holds the key {key!r} twice: in {origins[key]} and in "
+                    f"{str(file)!r} (which one to load is ambiguous: remove one of them)"
+                )
+            chosen[key], origins[key] = tensor, repr(str(file))
         ignored += others
-    return chosen, ignored, repr(str(path))
+    return chosen, ignored, repr(str(path)), origins
 
 
 def load_sla_weights(
@@ -175,9 +185,10 @@ def load_sla_weights(
     Raises:
         TypeError: a wrong kind of argument, or a ``proj_l`` entry that is not a floating tensor.
         ValueError: no SLA layer in ``model``; a file that cannot be read (truncated, corrupted, a checksum
-            mismatch, or a ``.pt`` holding objects other than tensors); a shape mismatch or NaN/Inf; two checkpoint
-            keys for one model key; no key matched; with ``strict``, missing or unexpected keys (the message lists
-            them).
+            mismatch, or a ``.pt`` holding objects other than tensors); one key in two files of a folder (the
+            message names both); a shape mismatch or NaN/Inf; two checkpoint keys for one model key; no key
+            matched; with ``strict``, missing or unexpected keys (the message lists them). Every message names
+            the file (in a folder, the file of each key at fault).
         FileNotFoundError: the path does not exist.
     """
     if not isinstance(model, nn.Module):
@@ -188,7 +199,11 @@ def load_sla_weights(
     parameters = sla_parameters(model)
     if not parameters:
         raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) before loading SLA weights")
-    found, ignored, source = _read(path_or_state_dict)
+    found, ignored, source, origins = _read(path_or_state_dict)
+
+    def entry(key: str) -> str:
+        """A checkpoint key, with its file when the checkpoint is a folder of several."""
+        return repr(key) if origins[key] == source else f"{key!r} (in {origins[key]})"
 
     chosen: dict[str, str] = {}
     unexpected, doubles, problems = [], [], []
@@ -197,20 +212,24 @@ def load_sla_weights(
         if target not in parameters:
             unexpected.append(key)
         elif target in chosen:
-            doubles.append(f"{chosen[target]!r} and {key!r} -> {target!r}")
+            doubles.append(f"{entry(chosen[target])} and {entry(key)} -> {target!r}")
         elif not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"checkpoint entry {key!r} must be a floating torch.Tensor, got {tensor!r:.60}")
+            raise TypeError(
+                f"SLA checkpoint {source}: entry {entry(key)} must be a floating torch.Tensor, got {tensor!r:.60}"
+            )
         elif tensor.shape != parameters[target].shape:
-            problems.append(f"{key!r} has shape {tuple(tensor.shape)}, {target!r} {tuple(parameters[target].shape)}")
+            problems.append(
+                f"{entry(key)} has shape {tuple(tensor.shape)}, {target!r} {tuple(parameters[target].shape)}"
+            )
         elif not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{key!r} holds NaN/Inf")
+            problems.append(f"{entry(key)} holds NaN/Inf")
         else:
             chosen[target] = key
     missing = [key for key in parameters if key not in chosen]
     if doubles:
-        raise ValueError(f"SLA checkpoint {source} names one weight twice: {doubles}")
+        raise ValueError(f"SLA checkpoint {source} names one weight twice: {'; '.join(doubles)}")
     if problems:
-        raise ValueError(f"SLA checkpoint {source} does not fit the model: {problems}")
+        raise ValueError(f"SLA checkpoint {source} does not fit the model: {'; '.join(problems)}")
     if not chosen or (strict and (missing or unexpected)):
         raise ValueError(
             f"SLA checkpoint {source} does not match the model's SLA layers: missing keys {missing}, "
