@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sagesla
+from sagesla import cli as arguments
 from sagesla.tables import markdown_table, run_header, write_report
 from sagesla.testing import WAN_SHAPES, build_wan, spawn_ranks, wan_step_inputs
 
@@ -269,26 +270,89 @@ def run_scaling(args, gpu: str, backend: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The benchmark's options (shared by ``sagesla bench-e2e`` and ``scripts/bench_e2e.py``)."""
     parser.add_argument("--model", default="wan2.1-1.3b", choices=sorted(WAN_SHAPES))
-    parser.add_argument("--weights", help="local diffusers WanTransformer3DModel folder (default: random weights)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--weights",
+        type=arguments.diffusers_folder,
+        help="local diffusers WanTransformer3DModel folder of --model's shape (default: random weights)",
+    )
+    parser.add_argument("--steps", type=arguments.positive_int, default=3)
+    parser.add_argument("--warmup", type=arguments.non_negative_int, default=1)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(fullgraph=True) steps")
-    parser.add_argument("--out-dir", default="benchmarks/results")
-    parser.add_argument("--profile", help="also time SageSLA at this calibration profile (sagesla calibrate)")
-    parser.add_argument("--nproc", type=int, nargs="+", help="GPU counts to time under Ulysses (e.g. 1 2 4)")
+    parser.add_argument("--out-dir", type=arguments.output_folder, default="benchmarks/results")
+    parser.add_argument(
+        "--profile",
+        type=arguments.input_file,
+        help="also time SageSLA at this calibration profile (sagesla calibrate)",
+    )
+    parser.add_argument(
+        "--nproc", type=arguments.positive_int, nargs="+", help="GPU counts to time under Ulysses (e.g. 1 2 4)"
+    )
     parser.add_argument("--dense", action="store_true", help="with --nproc: also time dense SDPA steps")
+
+
+# The config entries a --weights folder must share with --model: they size the inputs, the attention calls and the
+# step.
+MATCHED = ("in_channels", "text_dim", "patch_size", "num_attention_heads", "attention_head_dim", "num_layers")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The checks that need several arguments, the machine or a file's contents; before anything is built.
+
+    Raises:
+        sagesla.cli.UsageError: naming the argument.
+    """
+    cuda = torch.cuda.is_available()
+    if args.model != "tiny" and not cuda:
+        raise arguments.UsageError(
+            f"argument --model: {args.model!r} needs CUDA, which is not available here (--model tiny runs on the CPU)"
+        )
+    if args.nproc:
+        # Without GPUs (a smoke run of --model tiny): gloo processes on the CPU.
+        available = torch.cuda.device_count() if cuda else 2
+        if max(args.nproc) > available:
+            raise arguments.UsageError(
+                f"argument --nproc: {args.nproc}: each count must be in [1, {available}] (the GPUs present)"
+            )
+        unused = [name for name, given in (("--weights", args.weights), ("--profile", args.profile)) if given]
+        if args.compile:
+            unused.append("--compile")
+        if unused:
+            raise arguments.UsageError(
+                f"argument --nproc: the scaling run times random weights eagerly; {', '.join(unused)} is not used "
+                "with it"
+            )
+    elif args.dense:
+        raise arguments.UsageError("argument --dense: only with --nproc (the single-GPU run always times dense)")
+    if args.weights:
+        import json
+
+        config = json.loads((pathlib.Path(args.weights) / "config.json").read_text())
+        wanted = WAN_SHAPES[args.model].config
+        wrong = [
+            f"{key} {config[key]} (want {wanted[key]})"
+            for key in MATCHED
+            if key in config and key in wanted and _plain(config[key]) != _plain(wanted[key])
+        ]
+        if wrong:
+            raise arguments.UsageError(
+                f"argument --weights: {args.weights!r} is not a {args.model} transformer: {', '.join(wrong)}"
+            )
+    if args.profile:
+        from sagesla.profile import load_profile
+
+        with arguments.reported_as("argument --profile"):
+            load_profile(args.profile)
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def run(args: argparse.Namespace) -> int:
     """Time, print the table and write the result files; returns the exit status."""
+    check_arguments(args)
     if args.nproc:
-        # Without GPUs (a smoke run of --model tiny): gloo processes on the CPU.
         cuda = torch.cuda.is_available()
-        available = torch.cuda.device_count() if cuda else 2
-        if available < max(args.nproc) or min(args.nproc) < 1:
-            raise SystemExit(
-                f"bench-e2e: --nproc {args.nproc}: each count must be in [1, {available}] (the GPUs present)"
-            )
         gpu, backend = (torch.cuda.get_device_name(), "nccl") if cuda else ("CPU", "gloo")
         print(run_scaling(args, gpu, backend))
         return 0
@@ -298,9 +362,15 @@ def run(args: argparse.Namespace) -> int:
     if args.weights:
         from diffusers import WanTransformer3DModel
 
-        model = WanTransformer3DModel.from_pretrained(args.weights, torch_dtype=dtype).to(device).eval()
+        with arguments.reported_as("argument --weights"):
+            model = WanTransformer3DModel.from_pretrained(args.weights, torch_dtype=dtype).to(device).eval()
     else:
         model = build_wan(shape, device, dtype)
+    if args.profile:
+        # The profile must fit the model before any timing: patched once, then unpatched.
+        with arguments.reported_as("argument --profile"):
+            _prepare(model, Config("profile", profile=args.profile), backend, False)
+        sagesla.unpatch(model)
     cond, uncond = guided_inputs(shape, device, dtype)
     gpu = torch.cuda.get_device_name() if cuda else "CPU"
     header = run_header(
@@ -326,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    parser.set_defaults(run=run)
+    return arguments.run_parsed(parser, parser.parse_args(argv))

@@ -16,6 +16,7 @@ Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated
 
 import copy
 import json
+import math
 import os
 import pathlib
 import time
@@ -24,11 +25,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from sagesla import metrics
+from sagesla import metrics, validation
 from sagesla.embedded import finetuned
 from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.videos import from_latent
-from sagesla.files import write_text_atomic
+from sagesla.files import check_output_path, write_text_atomic
 from sagesla.functional import SLA_BLOCK_SIZES
 from sagesla.tables import markdown_table, run_header
 
@@ -192,11 +193,24 @@ def run_video_demo(
         progress: show the calibration's progress bar.
     Raises:
         FileNotFoundError: ``weights`` or ``sla_weights`` names no file.
-        ValueError: ``sla_weights`` records no fine-tune, or its ``proj_l`` do not fit the model.
+        ValueError: ``steps``, ``guidance``, ``budget`` or ``prompts`` out of range, ``sla_weights`` records no
+            fine-tune, or its ``proj_l`` do not fit the model.
+        OSError: ``out_dir`` cannot be created or written into (``files.check_output_path``).
     """
     import sagesla
     from sagesla.calibration import calibrate, plot_profile
+    from sagesla.calibration.choose import check_selection
 
+    # Every argument before the model is built: nothing fails after the calibration ran.
+    validation.check_positive("steps", steps)
+    if not validation.is_number(guidance) or not 1 <= guidance < math.inf:
+        raise ValueError(f"`guidance` must be a finite float >= 1 (1: no guidance), got {guidance!r}")
+    check_selection(budget, "rel_l1", False, None)
+    if topk is not None:
+        validation.check_topk(topk)
+    if not prompts:
+        raise ValueError("`prompts` must hold at least one prompt, got none")
+    check_output_path(out_dir, folder=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     finetune = None if sla_weights is None else finetuned.read(sla_weights)
     if topk is None:
