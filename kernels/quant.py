@@ -38,12 +38,14 @@ class InferenceStats(NamedTuple):
 
     k_mean: [B, H, 1, D] fp32 (smoothing).                 v_scale: [B, H, D] fp32 FP8 V scales.
     kvw: [B, H, DP, DP] bf16 ``S W^T``, zero-padded.       z: [B, H, DP] fp32 ``sum phi(k)``, zero-padded.
+    w_live: [B, H] int32, 1 where ``W`` holds a non-zero (NaN included), 0 where ``S W^T`` is exactly zero.
     """
 
     k_mean: torch.Tensor
     v_scale: torch.Tensor | None
     kvw: torch.Tensor | None
     z: torch.Tensor | None
+    w_live: torch.Tensor | None
 
 
 @triton.jit
@@ -226,6 +228,7 @@ def kv_stats_finish_kernel(
     v_scale_out,
     kvw_out,
     z_out,
+    w_live_out,
     L,
     C,
     D: tl.constexpr,
@@ -239,8 +242,9 @@ def kv_stats_finish_kernel(
 
     Each output that is not None is written (``kv_stats``: V maxima, state and key sum; the forward, through
     ``inference_stats``: the FP8 V scales ``max(amax, floor) / 448`` ([B*H, D]) and the fused kernel's linear
-    operands, ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32) and ``z`` ([B*H, DP]
-    fp32, zero-padded), so the forward needs no torch op between its launches).
+    operands, ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32), ``z`` ([B*H, DP]
+    fp32, zero-padded) and ``w_live`` ([B*H] int32: whether W holds a non-zero, so the fused kernel skips an
+    all-zero ``proj_l``'s product without a host-side check), so the forward needs no torch op between its launches).
     """
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * RB + tl.arange(0, RB)
@@ -281,6 +285,8 @@ def kv_stats_finish_kernel(
         p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
         tl.store(p_kvw, b_kvw.to(tl.bfloat16))
         tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
+        # NaN != 0 holds, so a NaN weight keeps the product (and its NaN) in the output.
+        tl.store(w_live_out + i_bh, tl.max(tl.max((b_w != 0.0).to(tl.int32), axis=1), axis=0))
 
 
 @triton.jit
@@ -380,6 +386,7 @@ def _kv_reduce(
     out_amax, out_scale = empty(v_amax and not inference, D), empty(v_amax and inference, D)
     out_kv, out_ksum = empty(linear and not inference, D, D), empty(linear and not inference, D)
     kvw, z = empty(linear and inference, DP, DP, dtype=torch.bfloat16), empty(linear and inference, DP)
+    w_live = empty(linear and inference, dtype=torch.int32)
     # One launch for the partials' sums (H100, B1 H12 L32760: 0.036 ms as five torch reductions).
     rows = 16
     kv_stats_finish_kernel[(DP // rows, B * H)](
@@ -395,6 +402,7 @@ def _kv_reduce(
         out_scale,
         kvw,
         z,
+        w_live,
         L,
         chunks,
         D=D,
@@ -403,7 +411,7 @@ def _kv_reduce(
         V_AMAX=v_amax,
         HAS_LINEAR=linear,
     )
-    return KVStats(k_mean, out_amax, out_kv, out_ksum), InferenceStats(k_mean, out_scale, kvw, z)
+    return KVStats(k_mean, out_amax, out_kv, out_ksum), InferenceStats(k_mean, out_scale, kvw, z, w_live)
 
 
 def kv_stats(

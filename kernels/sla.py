@@ -51,7 +51,7 @@ def sla_forward(
     fused = None
     if linear:
         bias = None if proj_bias is None else proj_bias.float().contiguous()
-        fused = (q, stats.kvw, stats.z, bias)
+        fused = (q, stats.kvw, stats.z, stats.w_live, bias)
     sparse_attn_fwd(
         qk.q_int8,
         qk.q_scale,

@@ -115,6 +115,7 @@ def sparse_attn_fwd_kernel(
     s_ql,
     kvw_desc,
     ksum,
+    w_live,
     bias,
     o,
     s_ob,
@@ -145,6 +146,9 @@ def sparse_attn_fwd_kernel(
     b_q = tl.load(q_int8 + (i_bh64 * NQ * BQ + o_q[:, None]) * DP + o_d[None, :])
     b_qs = tl.load(q_scale + i_bh64 * NQ + i_q)
     p_lut = lut + (i_bh64 * NQ + i_q) * S
+    if HAS_LINEAR:
+        # Read before the loop, so its latency hides behind it.
+        b_live = tl.load(w_live + i_bh)
     # the head's first rows in the 2-D K [B*H*NK*BK, DP] and V^T [B*H*DP, NK*BK] buffers
     keys = (k_desc, i_bh * (NK * BK), k_scale + i_bh64 * NK)
     values = (v_desc, i_bh * DP, head_base(v, i_bh, H, s_vb, s_vh), s_vl)
@@ -163,30 +167,32 @@ def sparse_attn_fwd_kernel(
     _, b_l, b_acc = state
     # The epilogue's loads first, so their latencies overlap.
     m_o = (o_q < L)[:, None] & m_d[None, :]
-    if HAS_LINEAR:
-        b_x = tl.load(tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d), mask=m_o, other=0.0)
-        b_z = tl.load(ksum + i_bh64 * DP + o_d)
-        # [DP, DP]: the linear state with proj_l folded in, in bf16 (fp32 accumulation)
-        b_kvw = kvw_desc.load([i_bh * DP, 0])
-        if HAS_BIAS:
-            b_bias = tl.load(bias + o_d, mask=m_d, other=0.0)
+    if HAS_BIAS:
+        b_bias = tl.load(bias + o_d, mask=m_d, other=0.0)
     if PV_FP8:
         b_vs = tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)
     b_o = b_acc * (1.0 / b_l)[:, None]
     if PV_FP8:
         b_o = b_o * b_vs[None, :]
-    if HAS_LINEAR:
-        # phi = f / n: (phi S) / (1e-5 + phi . z) = (f S) / (1e-5 n + f . z), one division a row
-        b_f, b_n = feature_map_unnormalized(b_x.to(tl.float32), m_d, FEATURE)
-        b_den = 1e-5 * b_n + tl.sum(b_f * b_z[None, :], axis=1)
-        # The product accumulates onto o * den, so no second [BQ, DP] accumulator is alive.
-        if IS_INTERPRET:
-            b_o = tl.dot(b_f, b_kvw.to(tl.float32), b_o * b_den[:, None])
-        else:
-            b_o = tl.dot(b_f.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
-        b_o = b_o * (1.0 / b_den)[:, None]
-        if HAS_BIAS:
-            b_o += b_bias[None, :]
+    # An all-zero proj_l (not fine-tuned) makes the product exactly zero: skip it, decided on the device (the
+    # compile-time and the run-time condition stay two ifs: b_live exists only with HAS_LINEAR).
+    if HAS_LINEAR:  # noqa: SIM102
+        if b_live != 0:
+            b_x = tl.load(tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d), mask=m_o, other=0.0)
+            b_z = tl.load(ksum + i_bh64 * DP + o_d)
+            # [DP, DP]: the linear state with proj_l folded in, in bf16 (fp32 accumulation)
+            b_kvw = kvw_desc.load([i_bh * DP, 0])
+            # phi = f / n: (phi S) / (1e-5 + phi . z) = (f S) / (1e-5 n + f . z), one division a row
+            b_f, b_n = feature_map_unnormalized(b_x.to(tl.float32), m_d, FEATURE)
+            b_den = 1e-5 * b_n + tl.sum(b_f * b_z[None, :], axis=1)
+            # The product accumulates onto o * den, so no second [BQ, DP] accumulator is alive.
+            if IS_INTERPRET:
+                b_o = tl.dot(b_f, b_kvw.to(tl.float32), b_o * b_den[:, None])
+            else:
+                b_o = tl.dot(b_f.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
+            b_o = b_o * (1.0 / b_den)[:, None]
+    if HAS_BIAS:
+        b_o += b_bias[None, :]
     p_o = tile_ptrs(head_base(o, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_o)
 
@@ -229,7 +235,7 @@ def sparse_attn_fwd(
     block_k: int,
     out: torch.Tensor,
     *,
-    linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     feature_map: str = "softmax",
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -243,8 +249,9 @@ def sparse_attn_fwd(
             compute-dtype V ``[B, H, L, D]`` view (unit stride on D) with v_scale None.
         lut: [B, H, NQ, S] int32, key block indices per query block (``select_blocks`` writes them ascending).
         out: [B, H, L, D] view of the output (any strides with unit stride on D, any float dtype).
-        linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, bias [D])
-            to fuse the linear branch, or None.
+        linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, w_live
+            [B, H] int32 (0 skips the product: ``S W^T`` is zero), bias [D] or None) to fuse the linear branch, or
+            None.
     """
     B, H, L, D = out.shape
     DP, NQ, NK = padded_head_dim(D), q_scale.shape[-1], k_scale.shape[-1]
@@ -258,9 +265,9 @@ def sparse_attn_fwd(
     # bf16 P.V reads the caller's V through pointers; the descriptor argument is then a placeholder.
     v_desc = _descriptor(v.view(-1, NK * block_k), [DP, block_k]) if pv_fp8 else k_desc
     if linear is None:
-        q, kvw_desc, ksum, bias = out, k_desc, q_scale, None
+        q, kvw_desc, ksum, w_live, bias = out, k_desc, q_scale, q_scale, None
     else:
-        q, kvw, ksum, bias = linear
+        q, kvw, ksum, w_live, bias = linear
         kvw_desc = _descriptor(kvw.view(-1, DP), [DP, DP])
     sparse_attn_fwd_kernel[(NQ, B * H)](
         q_int8,
@@ -276,6 +283,7 @@ def sparse_attn_fwd(
         *q.stride()[:3],
         kvw_desc,
         ksum,
+        w_live,
         q_scale if bias is None else bias,
         out,
         *out.stride()[:3],

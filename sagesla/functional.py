@@ -67,14 +67,16 @@ def sparse_linear_attn(
             block or head, never a finite wrong value.
     Gradients: with ``quantized=False`` (SLA) the output is differentiable on both backends: autograd reaches q, k, v,
     ``proj_weight`` and ``proj_bias`` (the block selection is not differentiated). On Triton this runs the training
-    kernels, which keep only o and its log-sum-exp for the backward. The quantized path is for inference (its Triton
-    kernels record no graph).
+    kernels, which keep only o and its log-sum-exp for the backward. The quantized path is for inference only:
+    with grad mode on, a q, k, v, ``proj_weight`` or ``proj_bias`` that requires grad raises ``RuntimeError`` at
+    the call (run it under ``torch.no_grad()`` or ``torch.inference_mode()``, or train with ``quantized=False``).
 
     Returns:
         o in q's dtype and layout, or (o, sparsity) with ``return_sparsity``.
     Raises:
         TypeError / ValueError: invalid arguments (the message names the argument and what is accepted).
         NotImplementedError: ``backend="triton"`` asked for inputs it cannot serve.
+        RuntimeError: ``quantized=True`` with inputs that require grad (see Gradients).
     Example:
         >>> q = k = v = torch.randn(1, 2, 256, 64)
         >>> o = sparse_linear_attn(q, k, v, topk=0.25, backend="torch")
@@ -83,6 +85,12 @@ def sparse_linear_attn(
     if not compiling:
         validation.check_qkv(q, k, v, tensor_layout)
         topk = validation.check_topk(topk)
+        for name, value in (
+            ("quantized", quantized),
+            ("return_sparsity", return_sparsity),
+            ("check_inputs", check_inputs),
+        ):
+            validation.check_bool(name, value)
         validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
         validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
         validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
@@ -91,6 +99,13 @@ def sparse_linear_attn(
         if compute_dtype is not None:
             validation.check_choice("compute_dtype", compute_dtype, validation.COMPUTE_DTYPES)
         validation.check_proj(proj_weight, proj_bias, q.shape[-1], q.device)
+    # The quantized kernels record no autograd graph, and differentiating the reference through its INT8/FP8
+    # rounding gives gradients of the wrong function: SageSLA refuses, on every backend, before any work.
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
+    )
+    if needs_grad and quantized:
+        validation.refuse_gradients(q, k, v, proj_weight, proj_bias)
     length, head_dim = q.shape[2 if tensor_layout == "HND" else 1], q.shape[-1]
     block_q, block_k = resolve_block_sizes(quantized, q.device, block_q, block_k)
     if not compiling:
@@ -106,9 +121,6 @@ def sparse_linear_attn(
     args = (q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k)
     args += (head_dim**-0.5 if sm_scale is None else float(sm_scale), tensor_layout, compute_dtype, pv_precision)
     # The inference op has no autograd formula: calls that need gradients take the trainable path.
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
-    )
     op = ops.train_sla if needs_grad else ops.sparse_linear_attn_op
     out = op(*args, backend)
     return (out, sparsity) if return_sparsity else out

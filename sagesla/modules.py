@@ -38,6 +38,7 @@ class _SLABase(nn.Module):
         validation.check_choice("backend", backend, validation.BACKENDS)
         validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
         validation.check_block_sizes(BLKQ=BLKQ, BLKK=BLKK)
+        validation.check_bool("use_bf16", use_bf16)
         self.head_dim = head_dim
         self.feature_map = feature_map
         self.BLKQ, self.BLKK = BLKQ, BLKK
@@ -49,9 +50,9 @@ class _SLABase(nn.Module):
         self.backend = backend
         self.pv_precision = pv_precision
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
-        # (version, data pointer) of proj_l's tensors when last checked, and whether they were all zero.
-        self._proj_checked: tuple[int, ...] | None = None
-        self._proj_is_zero = False
+        # SageSLA records no gradients (``sparse_linear_attn`` refuses inputs that need them), so its weights are
+        # frozen: a module built and called outside ``torch.no_grad()`` still runs.
+        self.proj_l.requires_grad_(not self.quantized)
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -60,40 +61,31 @@ class _SLABase(nn.Module):
             nn.init.zeros_(self.proj_l.weight)
             nn.init.zeros_(self.proj_l.bias)
 
-    def _linear_weights(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``proj_l``'s weight and bias, or (None, None) to skip the linear branch when they are all zero.
-
-        The zero check synchronizes once per change of the weights (tracked by their version counters, which
-        ``load_state_dict`` and in-place updates under ``torch.no_grad()`` bump), not on every call. While
-        gradients can reach ``proj_l`` the branch always runs, so training sees it.
-        """
-        weight, bias = self.proj_l.weight, self.proj_l.bias
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and weight.requires_grad):
-            return weight, bias
-        key = (weight._version, bias._version, weight.data_ptr(), bias.data_ptr())
-        if key != self._proj_checked:
-            self._proj_is_zero = not (bool(weight.any()) or bool(bias.any()))
-            self._proj_checked = key
-        return (None, None) if self._proj_is_zero else (weight, bias)
-
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_sparsity: bool = False
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        return_sparsity: bool = False,
+        *,
+        topk: float | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, float]:
-        """Args: q, k, v [B, H, L, D] (or [B, L, H, D] with ``tensor_layout="NHD"``), D = ``head_dim``.
+        """Args: q, k, v [B, H, L, D] (or [B, L, H, D] with ``tensor_layout="NHD"``), D = ``head_dim``;
+        ``topk`` for this call only (default ``self.topk``), so callers sharing the module never write its state.
 
         Returns o in q's dtype and layout; with ``return_sparsity``, also the fraction of block pairs skipped.
+        The linear branch runs with ``proj_l`` as it is at the call (an all-zero ``proj_l`` adds exactly zero).
         """
         if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and q.shape[-1:] != (self.head_dim,):
             raise ValueError(f"`q` must have head_dim {self.head_dim} in its last dim, got shape {tuple(q.shape)}")
-        proj_weight, proj_bias = self._linear_weights()
         return sparse_linear_attn(
             q,
             k,
             v,
-            topk=self.topk,
+            topk=self.topk if topk is None else topk,
             quantized=self.quantized,
-            proj_weight=proj_weight,
-            proj_bias=proj_bias,
+            proj_weight=self.proj_l.weight,
+            proj_bias=self.proj_l.bias,
             feature_map=self.feature_map,
             linear_scope=self.linear_scope,
             block_q=self.BLKQ,

@@ -13,6 +13,7 @@ BACKENDS = ("auto", "torch", "triton")
 PV_PRECISIONS = ("auto", "fp8", "half")
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
+PROJ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _shape_letters(layout: str) -> str:
@@ -90,6 +91,9 @@ def check_qkv(q: object, k: object, v: object, tensor_layout: str) -> None:
             raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+    _check_has_data("q", q)  # k and v are on its device
+    if q.shape[-1] == 0:
+        raise ValueError(f"`q` must have a head dim D >= 1 (its last dim), got shape {tuple(q.shape)}")
 
 
 def check_proj(proj_weight: object, proj_bias: object, head_dim: int, device: torch.device) -> None:
@@ -101,12 +105,36 @@ def check_proj(proj_weight: object, proj_bias: object, head_dim: int, device: to
     for name, x, shape in (("proj_weight", proj_weight, (head_dim, head_dim)), ("proj_bias", proj_bias, (head_dim,))):
         if x is None:
             continue
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"`{name}` must be a floating torch.Tensor of shape {shape}, got {x!r:.60}")
+        if not isinstance(x, torch.Tensor) or x.dtype not in PROJ_DTYPES:
+            kind = f"{x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(
+                f"`{name}` must be a float32, float16 or bfloat16 torch.Tensor of shape {shape}, got {kind}"
+            )
+        _check_has_data(name, x)
         if tuple(x.shape) != shape:
             raise ValueError(f"`{name}` must have shape {shape} (head_dim D={head_dim}), got {tuple(x.shape)}")
         if x.device != device:
             raise ValueError(f"`{name}` must be on the device of `q` ({device}), got {x.device}")
+
+
+def _check_has_data(name: str, x: torch.Tensor) -> None:
+    """Meta tensors (a model built under ``init_empty_weights`` or on ``device="meta"``) hold no values."""
+    if x.is_meta:
+        raise ValueError(f"`{name}` is a meta tensor (shape only, no data); load or materialise it first")
+
+
+def refuse_gradients(q, k, v, proj_weight, proj_bias) -> None:
+    """Raise for a quantized call whose inputs require grad (called with grad mode on)."""
+    names = [
+        name
+        for name, x in (("q", q), ("k", k), ("v", v), ("proj_weight", proj_weight), ("proj_bias", proj_bias))
+        if x is not None and x.requires_grad
+    ]
+    raise RuntimeError(
+        f"quantized=True (SageSLA) is inference-only and records no gradients, but {', '.join(names)} require(s) "
+        "grad: run it under torch.no_grad() or torch.inference_mode(), or train with quantized=False "
+        "(SparseLinearAttention; patch(..., quantized=False)) and serve the trained weights quantized"
+    )
 
 
 def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -166,11 +166,20 @@ def test_trainable_triton_path_compiles_with_its_backward():
 
 def test_patched_wan_on_the_triton_backend_traces_without_graph_breaks():
     """The processor's per-call fallback checks and the kernels (interpreted on CPU) stay inside one graph, with
-    gradients enabled too (proj_l requires grad; the SageSLA kernels then run as the opaque op)."""
-    model = tiny_wan_transformer()  # conftest runs Triton's interpreter where there is no CUDA device
+    grad mode on too (frozen weights: SageSLA is inference-only, so nothing may require grad)."""
+    model = tiny_wan_transformer().requires_grad_(False)  # conftest runs Triton's interpreter without CUDA
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     sagesla.patch(model, topk=0.5, backend="triton")
     inputs = [x.to(device) for x in wan_inputs()]
     explained = torch._dynamo.explain(lambda *x: model(*x, return_dict=False)[0])(*inputs)
     assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_compiled_quantized_call_needing_gradients_raises_at_the_forward():
+    """Compiled, the refusal of gradients through SageSLA still stops the forward with its own message."""
+    model = tiny_wan_transformer()  # parameters require grad, so q, k and v do
+    sagesla.patch(model, topk=0.5, backend="torch")
+    step = torch.compile(lambda *x: model(*x, return_dict=False)[0], fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=r"quantized=True \(SageSLA\) is inference-only"):
+        step(*wan_inputs())
