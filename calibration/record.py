@@ -9,7 +9,6 @@ them in (B, S, H, D) and folds the errors into per-layer running statistics. Not
 import importlib.metadata
 import sys
 from collections.abc import Sequence
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -39,16 +38,6 @@ _START = {"max": float("-inf"), "min": float("inf"), "mean": 0.0}
 _TINY = 1e-30
 
 
-@contextmanager
-def _topk(sla: nn.Module, topk: float):
-    """Run ``sla`` at ``topk`` inside the block, then restore its own."""
-    saved, sla.topk = sla.topk, topk
-    try:
-        yield
-    finally:
-        sla.topk = saved
-
-
 def candidate_errors(
     sla: nn.Module,
     query: torch.Tensor,
@@ -76,8 +65,7 @@ def candidate_errors(
     by_count: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for topk, blocks in zip(candidates, kept, strict=True):
         if blocks not in by_count:
-            with _topk(sla, topk):
-                out = sla(query, key, value).float()
+            out = sla(query, key, value, topk=topk).float()
             by_count[blocks] = (
                 (out - ref).abs().sum(dim=(1, 3)),
                 (out * ref).sum(dim=(1, 3)),

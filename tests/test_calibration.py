@@ -20,7 +20,7 @@ pytest.importorskip("diffusers")
 
 from sagesla.calibration import Recording, calibrate, choose, plot_profile, sampling, summary  # noqa: E402
 from sagesla.patching import checkpoints  # noqa: E402
-from sagesla.testing import tiny_wan_transformer  # noqa: E402
+from sagesla.testing import run_wan, tiny_wan_transformer  # noqa: E402
 
 # The tiny model's attention is diffuse (random weights), so SageSLA's rel-L1 at the grid's topk spans about
 # 0.2 (topk 0.5) to 0.8 (1 of 16 key blocks): a budget of 0.4 lands mid-grid.
@@ -513,6 +513,64 @@ def test_per_bucket_topk_follows_the_timestep(tmp_path):
         assert [block.attn1.processor.last_sparsity for block in model.blocks] == sparsity
     sagesla.unpatch(model)
     assert not model._forward_pre_hooks
+
+
+def _bucketed_model():
+    """The tiny model patched with topk [0.1, 0.5] / [0.3, 0.05] for timesteps below / from 500."""
+    errors = decreasing_errors(nb=2)
+    model = tiny_model()
+    sagesla.patch(model, profile=with_topk(choose(synthetic(errors, edges=(500.0,))), [[0.1, 0.5], [0.3, 0.05]]))
+    return model
+
+
+def test_threads_sampling_at_different_timesteps_each_get_their_own_topk():
+    """Two threads at timesteps of different buckets, forwards interleaved: each gets the single-thread answer."""
+    import threading
+
+    model = _bucketed_model()
+    latents, text = seeded_inputs([0])[0]
+    timesteps = (100.0, 900.0)
+    alone = {t: run_wan(model, (latents, torch.tensor([t]), text)) for t in timesteps}
+    barrier, results = threading.Barrier(len(timesteps)), {t: [] for t in timesteps}
+
+    def sample(t):
+        for _ in range(4):
+            barrier.wait()
+            results[t].append(run_wan(model, (latents, torch.tensor([t]), text)))
+
+    threads = [threading.Thread(target=sample, args=(t,)) for t in timesteps]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for t in timesteps:
+        assert len(results[t]) == 4
+        for out in results[t]:
+            torch.testing.assert_close(out, alone[t], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_per_bucket_profile_compiles_fullgraph_and_follows_the_timestep():
+    """torch.compile(fullgraph=True) of a model whose topk follows the timestep: no graph break, eager's output
+    at a timestep of each bucket (the graph picks the bucket on the device)."""
+    model = _bucketed_model()
+    latents, text = seeded_inputs([0], shape=(4, 16, 16))[0]
+
+    def step(latents, timestep, text):
+        return model(latents, timestep, text, return_dict=False)[0]
+
+    with torch.no_grad():
+        explained = torch._dynamo.explain(step)(latents, torch.tensor([100.0]), text)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(step, fullgraph=True)
+        for t in (100.0, 900.0, 100.0):
+            timestep = torch.tensor([t])
+            # Inductor fuses the model's own norms and projections differently (see test_compile.py).
+            assert metrics.rel_l1(compiled(latents, timestep, text), step(latents, timestep, text)) < 1e-5
+        assert (
+            metrics.rel_l1(step(latents, torch.tensor([100.0]), text), step(latents, torch.tensor([900.0]), text))
+            > 1e-3
+        )
 
 
 # -- command line, summary, plot -------------------------------------------------------------------------------

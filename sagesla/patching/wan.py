@@ -60,6 +60,13 @@ def _on_original(name: str) -> property:
     )
 
 
+def _by_bucket(index: torch.Tensor, topks: tuple[float, ...], attend: Callable[[float], torch.Tensor]) -> torch.Tensor:
+    """``attend(topks[index])`` for a 0-d device ``index``, without reading it on the host (``torch.cond``)."""
+    if len(topks) == 1:
+        return attend(topks[0])
+    return torch.cond(index == 0, lambda: attend(topks[0]), lambda: _by_bucket(index - 1, topks[1:], attend), ())
+
+
 class SLAWanAttnProcessor:
     """Processor for a Wan self-attention layer: diffusers' projections, QK-norm and RoPE around ``attn.sla``.
 
@@ -72,13 +79,15 @@ class SLAWanAttnProcessor:
     Attributes:
         original: the processor this one replaced (``sagesla.unpatch`` restores it).
         layer_name: the layer's module name, for log lines.
-        bucket_topk: topk per timestep bucket of ``timesteps``, set into ``attn.sla.topk`` before each SLA call;
-            None to keep ``attn.sla.topk``.
+        bucket_topk: topk per timestep bucket of ``timesteps``, handed to ``attn.sla`` with each call (the module
+            is never written, so threads sampling at different timesteps each get their own); None to run
+            ``attn.sla.topk``.
         timesteps: the tracker of the running forward's timestep bucket (with ``bucket_topk``).
         observer: when set (calibration), every call SLA could serve runs dense attention instead and hands it to
             ``observer(layer_name, attn.sla, query, key, value, dense)``, all (B, S, H, D); ``last_sparsity`` and
             ``last_fallback`` then change only on a fallback.
-        last_sparsity: fraction of block pairs the last call skipped (0.0 after a dense call), None before any call.
+        last_sparsity: fraction of block pairs the last call skipped (0.0 after a dense call), None before any call
+            and after a compiled call whose topk follows the timestep (its bucket is chosen on the device).
         last_fallback: why the last call ran dense attention, or None if it ran SLA.
     """
 
@@ -128,8 +137,6 @@ class SLAWanAttnProcessor:
         sla = getattr(attn, SLA_ATTRIBUTE)
         reason = self._fallback_reason(sla, query, key, value, attention_mask)
         if reason is None and self.observer is None:
-            if self.bucket_topk is not None:
-                sla.topk = self._bucket_topk()
             hidden_states, self.last_sparsity = self._run_sla(sla, query, key, value)
             self.last_fallback = None
         else:
@@ -195,11 +202,11 @@ class SLAWanAttnProcessor:
         exchanges the output back.
         """
         if _ulysses_degree(self._parallel_config) == 1:
-            return sla(query, key, value, return_sparsity=True)
+            return self._attend(sla, query, key, value)
         sparsity = []
 
         def forward_op(ctx, q, k, v, *args, **kwargs):
-            out, skipped = sla(q, k, v, return_sparsity=True)
+            out, skipped = self._attend(sla, q, k, v)
             sparsity.append(skipped)
             return out
 
@@ -213,13 +220,22 @@ class SLAWanAttnProcessor:
         )
         return out, sparsity[0]
 
-    def _bucket_topk(self) -> float:
-        """The topk of the running forward's timestep bucket; the largest one before a timestep is seen."""
-        bucket = self.timesteps.bucket
-        if bucket is None:
-            self._log_once("no timestep seen in this forward: using the largest topk of its buckets")
-            return max(self.bucket_topk)
-        return self.bucket_topk[bucket]
+    def _attend(
+        self, sla: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, float | None]:
+        """``sla`` at this call's topk: (output, fraction of block pairs skipped, None where chosen on the device)."""
+        if self.bucket_topk is None:
+            return sla(query, key, value, return_sparsity=True)
+        timestep = self.timesteps.timestep
+        if timestep is None:
+            if not torch.compiler.is_compiling():
+                self._log_once("no timestep seen in this forward: using the largest topk of its buckets")
+            return sla(query, key, value, return_sparsity=True, topk=max(self.bucket_topk))
+        if not torch.compiler.is_compiling():
+            return sla(query, key, value, return_sparsity=True, topk=self.bucket_topk[self.timesteps.bucket])
+        # Compiled: the bucket is data, so the graph holds every bucket's call and picks one on the device.
+        index = self.timesteps.bucket_index(timestep)
+        return _by_bucket(index, self.bucket_topk, lambda topk: sla(query, key, value, topk=topk)), None
 
     def _fall_back(self, reason: str) -> None:
         """Record a dense call and log its reason once per layer and reason."""
