@@ -32,13 +32,18 @@ _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 KV_PROGRAMS, KV_MIN_CHUNK, KV_WARPS, KV_STAGES = 1056, 1536, 4, 3
 
 
+# Rows of the linear state each finishing program sums (and folds proj_l into).
+FINISH_ROWS = 16
+
+
 class InferenceStats(NamedTuple):
     """What the Triton forward needs from the token reductions, all from one finishing launch (None where not
     asked for).
 
     k_mean: [B, H, 1, D] fp32 (smoothing).                 v_scale: [B, H, D] fp32 FP8 V scales.
     kvw: [B, H, DP, DP] bf16 ``S W^T``, zero-padded.       z: [B, H, DP] fp32 ``sum phi(k)``, zero-padded.
-    w_live: [B, H] int32, 1 where ``W`` holds a non-zero (NaN included), 0 where ``S W^T`` is exactly zero.
+    w_live: [B, H, DP // FINISH_ROWS] int32, per chunk of FINISH_ROWS rows of ``S W^T``: 0 where they are exactly
+    zero in bf16 (an all-zero ``proj_l``), 1 otherwise (NaN included).
     """
 
     k_mean: torch.Tensor
@@ -243,8 +248,9 @@ def kv_stats_finish_kernel(
     Each output that is not None is written (``kv_stats``: V maxima, state and key sum; the forward, through
     ``inference_stats``: the FP8 V scales ``max(amax, floor) / 448`` ([B*H, D]) and the fused kernel's linear
     operands, ``S W^T`` in bf16 ([B*H, DP, DP], zero-padded; ``weight`` = proj_l's [D, D] fp32), ``z`` ([B*H, DP]
-    fp32, zero-padded) and ``w_live`` ([B*H] int32: whether W holds a non-zero, so the fused kernel skips an
-    all-zero ``proj_l``'s product without a host-side check), so the forward needs no torch op between its launches).
+    fp32, zero-padded) and ``w_live`` ([B*H, DP // RB] int32: whether each program's rows of ``S W^T`` hold a
+    non-zero, so the fused kernel skips the product of an all-zero ``proj_l`` without a host-side check), so the
+    forward needs no torch op between its launches).
     """
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * RB + tl.arange(0, RB)
@@ -283,10 +289,11 @@ def kv_stats_finish_kernel(
         # bf16 as the kernel reads it: 0.03 % of entries one bf16 ulp off the torch fold's
         b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="tf32x3")
         p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
-        tl.store(p_kvw, b_kvw.to(tl.bfloat16))
+        b_kvw = b_kvw.to(tl.bfloat16)
+        tl.store(p_kvw, b_kvw)
+        # Whether these rows are non-zero (NaN != 0 holds, so a NaN keeps the product and its NaN in the output).
+        tl.store(w_live_out + i_bh.to(tl.int64) * (DP // RB) + i_r, tl.max(tl.max((b_kvw != 0).to(tl.int32), 1), 0))
         tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
-        # NaN != 0 holds, so a NaN weight keeps the product (and its NaN) in the output.
-        tl.store(w_live_out + i_bh, tl.max(tl.max((b_w != 0.0).to(tl.int32), axis=1), axis=0))
 
 
 @triton.jit
@@ -386,10 +393,9 @@ def _kv_reduce(
     out_amax, out_scale = empty(v_amax and not inference, D), empty(v_amax and inference, D)
     out_kv, out_ksum = empty(linear and not inference, D, D), empty(linear and not inference, D)
     kvw, z = empty(linear and inference, DP, DP, dtype=torch.bfloat16), empty(linear and inference, DP)
-    w_live = empty(linear and inference, dtype=torch.int32)
+    w_live = empty(linear and inference, DP // FINISH_ROWS, dtype=torch.int32)
     # One launch for the partials' sums (H100, B1 H12 L32760: 0.036 ms as five torch reductions).
-    rows = 16
-    kv_stats_finish_kernel[(DP // rows, B * H)](
+    kv_stats_finish_kernel[(DP // FINISH_ROWS, B * H)](
         k_sum,
         amax,
         kv,
@@ -407,7 +413,7 @@ def _kv_reduce(
         chunks,
         D=D,
         DP=DP,
-        RB=rows,
+        RB=FINISH_ROWS,
         V_AMAX=v_amax,
         HAS_LINEAR=linear,
     )

@@ -24,6 +24,7 @@ from sagesla.kernels._triton_utils import (
     padded_head_dim,
     tile_ptrs,
 )
+from sagesla.kernels.quant import FINISH_ROWS
 
 # log2(448) rounded down: exp2 of it stays below the e4m3 maximum, so P never saturates.
 LOG2_FP8_MAX = tl.constexpr(8.807)
@@ -132,6 +133,7 @@ def sparse_attn_fwd_kernel(
     BK: tl.constexpr,
     PV_FP8: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
+    LIVE_CHUNKS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN_L: tl.constexpr,
@@ -146,9 +148,6 @@ def sparse_attn_fwd_kernel(
     b_q = tl.load(q_int8 + (i_bh64 * NQ * BQ + o_q[:, None]) * DP + o_d[None, :])
     b_qs = tl.load(q_scale + i_bh64 * NQ + i_q)
     p_lut = lut + (i_bh64 * NQ + i_q) * S
-    if HAS_LINEAR:
-        # Read before the loop, so its latency hides behind it.
-        b_live = tl.load(w_live + i_bh)
     # the head's first rows in the 2-D K [B*H*NK*BK, DP] and V^T [B*H*DP, NK*BK] buffers
     keys = (k_desc, i_bh * (NK * BK), k_scale + i_bh64 * NK)
     values = (v_desc, i_bh * DP, head_base(v, i_bh, H, s_vb, s_vh), s_vl)
@@ -167,16 +166,15 @@ def sparse_attn_fwd_kernel(
     _, b_l, b_acc = state
     # The epilogue's loads first, so their latencies overlap.
     m_o = (o_q < L)[:, None] & m_d[None, :]
-    if HAS_BIAS:
-        b_bias = tl.load(bias + o_d, mask=m_d, other=0.0)
     if PV_FP8:
         b_vs = tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)
     b_o = b_acc * (1.0 / b_l)[:, None]
     if PV_FP8:
         b_o = b_o * b_vs[None, :]
-    # An all-zero proj_l (not fine-tuned) makes the product exactly zero: skip it, decided on the device (the
-    # compile-time and the run-time condition stay two ifs: b_live exists only with HAS_LINEAR).
-    if HAS_LINEAR:  # noqa: SIM102
+    # An all-zero proj_l (not fine-tuned) makes S W^T, so the product, exactly zero: skip it, decided on the device.
+    # Read after the loop: held across it, the flag spilled at 168 registers.
+    if HAS_LINEAR:
+        b_live = tl.max(tl.load(w_live + i_bh64 * LIVE_CHUNKS + tl.arange(0, LIVE_CHUNKS)), 0)
         if b_live != 0:
             b_x = tl.load(tile_ptrs(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d), mask=m_o, other=0.0)
             b_z = tl.load(ksum + i_bh64 * DP + o_d)
@@ -192,7 +190,7 @@ def sparse_attn_fwd_kernel(
                 b_o = tl.dot(b_f.to(tl.bfloat16), b_kvw, b_o * b_den[:, None])
             b_o = b_o * (1.0 / b_den)[:, None]
     if HAS_BIAS:
-        b_o += b_bias[None, :]
+        b_o += tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
     p_o = tile_ptrs(head_base(o, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d)
     tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_o)
 
@@ -250,8 +248,8 @@ def sparse_attn_fwd(
         lut: [B, H, NQ, S] int32, key block indices per query block (``select_blocks`` writes them ascending).
         out: [B, H, L, D] view of the output (any strides with unit stride on D, any float dtype).
         linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, w_live
-            [B, H] int32 (0 skips the product: ``S W^T`` is zero), bias [D] or None) to fuse the linear branch, or
-            None.
+            [B, H, DP // FINISH_ROWS] int32 (all 0 skips the product: ``S W^T`` is zero), bias [D] or None) to fuse
+            the linear branch, or None.
     """
     B, H, L, D = out.shape
     DP, NQ, NK = padded_head_dim(D), q_scale.shape[-1], k_scale.shape[-1]
@@ -298,6 +296,7 @@ def sparse_attn_fwd(
         BK=block_k,
         PV_FP8=pv_fp8,
         HAS_LINEAR=linear is not None,
+        LIVE_CHUNKS=DP // FINISH_ROWS,
         HAS_BIAS=bias is not None,
         FEATURE=FEATURE_MAP_IDS[feature_map],
         EVEN_L=L % block_k == 0,
