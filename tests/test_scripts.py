@@ -105,3 +105,21 @@ def test_bench_attention_reference_sagesla_row_only_when_installed(monkeypatch):
     peer = bench["reference_sagesla"](8, 0.05, proj)
     assert peer.args == (8, 0.05, "softmax")
     assert torch.equal(peer.proj_l.weight, proj[0]) and torch.equal(peer.proj_l.bias, proj[1])
+
+
+def test_bench_linear_branch_smoke_writes_results(tmp_path, monkeypatch):
+    """The linear-branch benchmark's CPU smoke run, then a second one compared with the first."""
+    script = str(SCRIPTS / "bench_linear_branch.py")
+    monkeypatch.setattr(sys, "argv", ["bench_linear_branch.py", "--smoke", "--label", "a", "--out-dir", str(tmp_path)])
+    runpy.run_path(script, run_name="__main__")
+    first = tmp_path / "CPU-linear-branch-a.json"
+    argv = ["bench_linear_branch.py", "--smoke", "--compare", str(first), "--out-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(script, run_name="__main__")
+    rows = json.loads((tmp_path / "CPU-linear-branch.json").read_text())["rows"]
+    assert [row["case"] for row in rows] == [
+        "SageSLA forward, proj_l trained",
+        "SageSLA forward, proj_l zero",
+        "SLA forward+backward, scope complement",
+    ]
+    assert all(row["eager_ms"] > 0 and row["other_eager_ms"] > 0 and row["eager_ratio"] > 0 for row in rows)
