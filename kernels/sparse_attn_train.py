@@ -6,11 +6,12 @@ fused). Unquantized: Q.K^T and P.V in the compute dtype (fp16 / bf16) with fp32 
 
 - Forward, one program per (query block, batch * head): Q resident, an online exp2 softmax over the key blocks of
   ``lut``; the epilogue adds the linear branch and ``proj_l`` (scope "complement" subtracts the selected blocks'
-  share inside the loop, see ``linear_attn``) and stores ``out`` and the natural-log LSE per row. Only ``out`` and
-  the LSE are kept for the backward, as SDPA keeps.
+  share inside the loop or, when fewer blocks are left out, sums those in a second loop: see ``linear_attn``) and
+  stores ``out`` and the natural-log LSE per row. Only ``out`` and the LSE are kept for the backward, as SDPA keeps.
 - Backward dQ, one program per (query block, head): ``delta = rowsum(dO * o_s)`` for the sparse branch's output
-  ``o_s = out - proj_l(o_l)`` (from ``linear_attn_bwd_q`` with the linear branch, else here; stored for dK/dV),
-  then the same walk: ``P = exp2(S - LSE)``, ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
+  ``o_s = out - proj_l(o_l)`` (from ``linear_attn_bwd_q`` with the linear branch, else here; stored for dK/dV; when
+  scope "complement" sums the unselected blocks, ``rowsum(P * dO V^T)`` from a first walk), then the same walk:
+  ``P = exp2(S - LSE)``, ``dS = P * (dO V^T - delta)``, ``dQ += dS K``.
 - Backward dK/dV, one program per (key block, head), longest first: walks the query blocks that selected the key
   block (``key_block_queries``, the inverse of ``lut``), ``dV += P^T dO``, ``dK += dS^T Q``; the epilogue adds the
   linear branch's key side (``dS_lin``, ``dz`` from ``linear_attn_bwd_q``).
@@ -34,7 +35,16 @@ from sagesla.kernels._triton_utils import (
     tile_ptrs,
 )
 from sagesla.kernels.block_select_ref import lut_to_mask
-from sagesla.kernels.linear_attn import LinearGrads, LinearState, complement_step, linear_rows, phi_rows
+from sagesla.kernels.linear_attn import (
+    LinearGrads,
+    LinearState,
+    complement_step,
+    complement_sums,
+    linear_rows,
+    phi_rows,
+    sums_unselected,
+    unselected_blocks,
+)
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -48,6 +58,48 @@ LAUNCH = {
     "dq": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
     "dkv": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
 }
+
+
+@triton.jit
+def complement_grad_q(
+    b_u, b_r, b_t, b_k, b_v, o_t, L, m_d, FEATURE: tl.constexpr, EVEN: tl.constexpr, IS_INTERPRET: tl.constexpr
+):
+    """dLoss/dphi(q) [BQ, DP] through one walked key block's share counted positively: ``dA phi(k)`` with
+    ``dA = dnum v^T + dden = (u v^T + t) r`` [BQ, BK] (rows' u [BQ, DP], r, t [BQ] of ``linear_attn_bwd_q``)."""
+    b_phik = phi_rows(b_k, o_t, L, m_d, FEATURE, EVEN)
+    b_da = (dot(b_u, tl.trans(b_v), IS_INTERPRET) + b_t[:, None]) * b_r[:, None]
+    return dot(b_da.to(b_k.dtype), b_phik.to(b_k.dtype), IS_INTERPRET)
+
+
+@triton.jit
+def complement_grad_k(
+    b_phik,
+    b_v,
+    b_q,
+    o_q,
+    p_u,
+    p_r,
+    p_t,
+    o_d,
+    L,
+    D: tl.constexpr,
+    FEATURE: tl.constexpr,
+    EVEN: tl.constexpr,
+    IS_INTERPRET: tl.constexpr,
+):
+    """(dLoss/dphi(k), dLoss/dv) [BK, DP] through one walked pair of blocks' share counted positively:
+    ``dA^T phi(q)`` and ``A^T dnum`` for A = phi(q) phi(k)^T, dA as in ``complement_grad_q``; p_u, p_r, p_t: the
+    head's rows of u, r, t."""
+    m_q = o_q < L
+    b_phiq = phi_rows(b_q, o_q, L, o_d < D, FEATURE, EVEN).to(b_q.dtype)
+    b_u = load_rows(p_u, o_q, D, o_d, L, D, EVEN)
+    b_r = tl.load(p_r + o_q, mask=m_q, other=0.0)
+    b_t = tl.load(p_t + o_q, mask=m_q, other=0.0)
+    # [BK, BQ] A^T and dA^T
+    b_at = dot(b_phik.to(b_q.dtype), tl.trans(b_phiq), IS_INTERPRET)
+    b_dat = (dot(b_v, tl.trans(b_u), IS_INTERPRET) + b_t[None, :]) * b_r[None, :]
+    b_dphi = dot(b_dat.to(b_q.dtype), b_phiq, IS_INTERPRET)
+    return b_dphi, dot((b_at * b_r[None, :]).to(b_u.dtype), b_u, IS_INTERPRET)
 
 
 @triton.jit
@@ -65,6 +117,7 @@ def sla_train_fwd_kernel(
     s_vh,
     s_vl,
     lut,
+    rest,
     lse,
     out,
     s_ob,
@@ -79,6 +132,7 @@ def sla_train_fwd_kernel(
     H,
     NQ,
     S,
+    NR,
     D: tl.constexpr,
     DP: tl.constexpr,
     BQ: tl.constexpr,
@@ -86,6 +140,7 @@ def sla_train_fwd_kernel(
     HAS_LINEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPLEMENT: tl.constexpr,
+    DIRECT: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
@@ -125,15 +180,21 @@ def sla_train_fwd_kernel(
         b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
         b_acc = b_acc * b_alpha[:, None] + dot(b_p.to(b_v.dtype), b_v, IS_INTERPRET)
         b_m = b_m_new
-        if COMPLEMENT:
-            b_cn, b_cd = complement_step(b_phiq, b_k, b_v, o_t, L, m_d, b_cn, b_cd, FEATURE, EVEN, IS_INTERPRET)
+        if COMPLEMENT and not DIRECT:
+            b_cn, b_cd = complement_step(b_phiq, b_k, b_v, o_t, L, m_d, b_cn, b_cd, FEATURE, DIRECT, EVEN, IS_INTERPRET)
+    if DIRECT:
+        # the NR key blocks left out: the branch's own sums
+        p_rest = rest + (i_bh64 * NQ + i_q) * NR
+        b_cn, b_cd = complement_sums(
+            b_phiq, p_rest, NR, p_k, s_kl, p_v, s_vl, o_d, L, D, BQ, BK, DP, FEATURE, DIRECT, EVEN, IS_INTERPRET
+        )
     b_o = b_acc / b_l[:, None]
     tl.store(lse + i_bh64 * L + o_q, (b_m + tl.log2(b_l)) * LN2, mask=o_q < L)
     if HAS_LINEAR:
         if not COMPLEMENT:
             b_phiq = feature_map(b_q.to(tl.float32), m_d, FEATURE)
         b_y, _ = linear_rows(
-            b_phiq, kw + i_bh64 * DP * DP, z + i_bh64 * DP, w, o_d, b_cn, b_cd, DP, COMPLEMENT, IS_INTERPRET
+            b_phiq, kw + i_bh64 * DP * DP, z + i_bh64 * DP, w, o_d, b_cn, b_cd, DP, COMPLEMENT, DIRECT, IS_INTERPRET
         )
         b_o += b_y
     if HAS_BIAS:
@@ -165,6 +226,7 @@ def sla_train_bwd_dq_kernel(
     s_ol,
     bias,
     lut,
+    rest,
     lse,
     delta,
     dq,
@@ -181,6 +243,7 @@ def sla_train_bwd_dq_kernel(
     H,
     NQ,
     S,
+    NR,
     D: tl.constexpr,
     DP: tl.constexpr,
     BQ: tl.constexpr,
@@ -188,6 +251,7 @@ def sla_train_bwd_dq_kernel(
     HAS_LINEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     COMPLEMENT: tl.constexpr,
+    DIRECT: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
@@ -206,16 +270,28 @@ def sla_train_bwd_dq_kernel(
     b_q = load_rows(head_base(q, i_bh, H, s_qb, s_qh), o_q, s_ql, o_d, L, D, EVEN)
     b_do = load_rows(head_base(do, i_bh, H, s_db, s_dh), o_q, s_dl, o_d, L, D, EVEN)
     # [BQ] delta = rowsum(dO * o_s): given with the linear branch, else o_s = out - bias
-    if HAS_LINEAR:
-        b_delta = tl.load(delta + i_bh64 * L + o_q, mask=m_q, other=0.0)
-    else:
+    if not HAS_LINEAR:
         b_os = load_rows(head_base(out, i_bh, H, s_ob, s_oh), o_q, s_ol, o_d, L, D, EVEN).to(tl.float32)
         if HAS_BIAS:
             b_os -= tl.load(bias + o_d, mask=m_d, other=0.0)[None, :]
         b_delta = tl.sum(b_do.to(tl.float32) * b_os, axis=1)
         tl.store(delta + i_bh64 * L + o_q, b_delta, mask=m_q)
+    elif not DIRECT:
+        b_delta = tl.load(delta + i_bh64 * L + o_q, mask=m_q, other=0.0)
     b_lse = tl.load(lse + i_bh64 * L + o_q, mask=m_q, other=0.0) * LOG2E
     b_do = b_do.to(b_q.dtype)
+    if DIRECT:
+        # delta = rowsum(P * dP) in a first walk: a few keys left out make proj_l(o_l) outweigh o_s in ``out``,
+        # whose rounding then swamps out - proj_l(o_l)
+        b_delta = tl.zeros([BQ], dtype=tl.float32)
+        for s in tl.range(0, S):
+            o_t = tl.load(p_lut + s) * BK + o_k
+            b_k = load_rows(p_k, o_t, s_kl, o_d, L, D, EVEN)
+            b_v = load_rows(p_v, o_t, s_vl, o_d, L, D, EVEN)
+            # keys past L: V reads 0 there, so dP is 0
+            b_p = tl.exp2(dot(b_q, tl.trans(b_k), IS_INTERPRET) * qk_scale - b_lse[:, None])
+            b_delta += tl.sum(b_p * dot(b_do, tl.trans(b_v), IS_INTERPRET), axis=1)
+        tl.store(delta + i_bh64 * L + o_q, b_delta, mask=m_q)
     if COMPLEMENT:
         b_phiq = feature_map(b_q.to(tl.float32), m_d, FEATURE)
         b_u = load_rows(u + i_bh64 * L * D, o_q, D, o_d, L, D, EVEN)
@@ -234,14 +310,19 @@ def sla_train_bwd_dq_kernel(
         b_dp = dot(b_do, tl.trans(b_v), IS_INTERPRET)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += dot(b_ds.to(b_k.dtype), b_k, IS_INTERPRET)
-        if COMPLEMENT:
-            # dLoss/dA for A = phi(q) phi(k)^T of this block: -(dnum v^T + dden)
-            b_phik = phi_rows(b_k, o_t, L, m_d, FEATURE, EVEN)
-            b_da = -(dot(b_u, tl.trans(b_v), IS_INTERPRET) + b_t[:, None]) * b_r[:, None]
-            b_dphi += dot(b_da.to(b_k.dtype), b_phik.to(b_k.dtype), IS_INTERPRET)
+        if COMPLEMENT and not DIRECT:
+            # this block's share is subtracted from the whole state's
+            b_dphi -= complement_grad_q(b_u, b_r, b_t, b_k, b_v, o_t, L, m_d, FEATURE, EVEN, IS_INTERPRET)
+    if DIRECT:
+        p_rest = rest + (i_bh64 * NQ + i_q) * NR
+        for s in tl.range(0, NR):
+            o_t = tl.load(p_rest + s) * BK + o_k
+            b_k = load_rows(p_k, o_t, s_kl, o_d, L, D, EVEN)
+            b_v = load_rows(p_v, o_t, s_vl, o_d, L, D, EVEN)
+            b_dphi += complement_grad_q(b_u, b_r, b_t, b_k, b_v, o_t, L, m_d, FEATURE, EVEN, IS_INTERPRET)
     b_dq *= sm_scale
     m_o = m_q[:, None] & m_d[None, :]
-    if HAS_LINEAR:
+    if HAS_LINEAR and not DIRECT:
         b_dq += tl.load(tile_ptrs(dq_lin + i_bh64 * L * D, o_q, D, o_d), mask=m_o, other=0.0)
     if COMPLEMENT:
         b_dq += feature_map_vjp(b_q.to(tl.float32), b_phiq, b_dphi, FEATURE)
@@ -296,6 +377,7 @@ def sla_train_bwd_dkv_kernel(
     BK: tl.constexpr,
     HAS_LINEAR: tl.constexpr,
     COMPLEMENT: tl.constexpr,
+    DIRECT: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
@@ -320,7 +402,9 @@ def sla_train_bwd_dkv_kernel(
     b_dk = tl.zeros([BK, DP], dtype=tl.float32)
     b_dv = tl.zeros([BK, DP], dtype=tl.float32)
     b_dphi = tl.zeros([BK, DP], dtype=tl.float32)
-    for c in tl.range(0, tl.load(count + i_flat)):
+    p_u, p_r, p_t = u + i_bh64 * L * D, r + i_bh64 * L, t + i_bh64 * L
+    n_sel = tl.load(count + i_flat)
+    for c in tl.range(0, n_sel):
         o_q = tl.load(p_index + c) * BQ + o_r
         m_q = o_q < L
         # [BQ, DP]
@@ -334,24 +418,32 @@ def sla_train_bwd_dkv_kernel(
         b_dv += dot(b_pt.to(b_do.dtype), b_do, IS_INTERPRET)
         b_dst = b_pt * (dot(b_v, tl.trans(b_do), IS_INTERPRET) - b_delta[None, :])
         b_dk += dot(b_dst.to(b_q.dtype), b_q, IS_INTERPRET)
-        if COMPLEMENT:
-            b_phiq = phi_rows(b_q, o_q, L, m_d, FEATURE, EVEN).to(b_q.dtype)
-            b_u = load_rows(u + i_bh64 * L * D, o_q, D, o_d, L, D, EVEN)
-            b_r = tl.load(r + i_bh64 * L + o_q, mask=m_q, other=0.0)
-            b_t = tl.load(t + i_bh64 * L + o_q, mask=m_q, other=0.0)
-            # [BK, BQ]: A^T and dLoss/dA^T of this pair of blocks (see the dQ kernel)
-            b_at = dot(b_phik.to(b_q.dtype), tl.trans(b_phiq), IS_INTERPRET)
-            b_dat = -(dot(b_v, tl.trans(b_u), IS_INTERPRET) + b_t[None, :]) * b_r[None, :]
-            b_dphi += dot(b_dat.to(b_q.dtype), b_phiq, IS_INTERPRET)
-            b_dv -= dot((b_at * b_r[None, :]).to(b_u.dtype), b_u, IS_INTERPRET)
+        if COMPLEMENT and not DIRECT:
+            # this pair's share is subtracted from the whole state's
+            b_gphi, b_gv = complement_grad_k(
+                b_phik, b_v, b_q, o_q, p_u, p_r, p_t, o_d, L, D, FEATURE, EVEN, IS_INTERPRET
+            )
+            b_dphi -= b_gphi
+            b_dv -= b_gv
+    if DIRECT:
+        # the query blocks that left this key block out (``index`` lists them after the n_sel that selected it)
+        for c in tl.range(n_sel, NQ):
+            o_q = tl.load(p_index + c) * BQ + o_r
+            b_q = load_rows(p_q, o_q, s_ql, o_d, L, D, EVEN)
+            b_gphi, b_gv = complement_grad_k(
+                b_phik, b_v, b_q, o_q, p_u, p_r, p_t, o_d, L, D, FEATURE, EVEN, IS_INTERPRET
+            )
+            b_dphi += b_gphi
+            b_dv += b_gv
     b_dk *= sm_scale
     if HAS_LINEAR:
-        # Every key's share of S and z: dphi(k) += v dS^T + dz, dv += phi(k) dS.
-        # [DP, DP] bf16
-        b_ds = tl.load(ds_lin + i_bh64 * DP * DP + o_d[:, None] * DP + o_d[None, :])
-        b_dphi += dot(b_v.to(b_ds.dtype), tl.trans(b_ds), IS_INTERPRET)
-        b_dphi += tl.load(dz_lin + i_bh64 * DP + o_d)[None, :]
-        b_dv += dot(b_phik.to(b_ds.dtype), b_ds, IS_INTERPRET)
+        if not DIRECT:
+            # Every key's share of S and z: dphi(k) += v dS^T + dz, dv += phi(k) dS.
+            # [DP, DP] bf16
+            b_ds = tl.load(ds_lin + i_bh64 * DP * DP + o_d[:, None] * DP + o_d[None, :])
+            b_dphi += dot(b_v.to(b_ds.dtype), tl.trans(b_ds), IS_INTERPRET)
+            b_dphi += tl.load(dz_lin + i_bh64 * DP + o_d)[None, :]
+            b_dv += dot(b_phik.to(b_ds.dtype), b_ds, IS_INTERPRET)
         b_dk += feature_map_vjp(b_k.to(tl.float32), b_phik, b_dphi, FEATURE)
     m_o = (o_t < L)[:, None] & m_d[None, :]
     tl.store(tile_ptrs(head_base(dk, i_bh, H, s_kgb, s_kgh), o_t, s_kgl, o_d), b_dk.to(dk.dtype.element_ty), mask=m_o)
@@ -409,13 +501,16 @@ def sparse_attn_train_fwd(
         out: [B, H, L, D] view of the output (any float dtype, unit stride on D).
         linear: ``linear_attn.linear_state`` of this call, to add ``o_l W^T``, or None.
         bias: [D] fp32 added to every row, or None.
-        complement: scope "complement" (the selected blocks' share is removed from the linear state).
+        complement: scope "complement" (the selected blocks' share is removed from the linear state, or the
+            unselected blocks summed directly when fewer: ``linear_attn.sums_unselected``).
     Returns:
         lse: [B*H, L] fp32, natural log of the sum of exp(sm_scale * q.k) over each row's selected keys.
     """
     B, H, L, D = q.shape
-    DP, NQ = padded_head_dim(D), triton.cdiv(L, block_q)
+    DP, NQ, NK = padded_head_dim(D), triton.cdiv(L, block_q), triton.cdiv(L, block_k)
     lut = lut.contiguous()
+    direct = complement and sums_unselected(lut.shape[-1], NK)
+    rest = unselected_blocks(lut, NK) if direct else lut
     lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     kw, z, weight = (linear.kw, linear.z, linear.w) if linear is not None else (lse, lse, lse)
     sla_train_fwd_kernel[(NQ, B * H)](
@@ -426,6 +521,7 @@ def sparse_attn_train_fwd(
         v,
         *v.stride()[:3],
         lut,
+        rest,
         lse,
         out,
         *out.stride()[:3],
@@ -438,6 +534,7 @@ def sparse_attn_train_fwd(
         H,
         NQ,
         lut.shape[-1],
+        rest.shape[-1],
         D=D,
         DP=DP,
         BQ=block_q,
@@ -445,6 +542,7 @@ def sparse_attn_train_fwd(
         HAS_LINEAR=linear is not None,
         HAS_BIAS=bias is not None,
         COMPLEMENT=complement,
+        DIRECT=direct,
         FEATURE=FEATURE_MAP_IDS[feature_map],
         EVEN=even_tiles(L, block_q, block_k, D),
         IS_INTERPRET=IS_INTERPRET,
@@ -488,12 +586,16 @@ def sparse_attn_train_bwd(
     lut = lut.contiguous()
     launch = launch or {}
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    if linear is not None:
+    rows = (linear.u, linear.r, linear.t) if complement else (lse, lse, lse)
+    # scope "complement" summed over the unselected blocks: the whole state's terms are absent, delta is the dQ
+    # kernel's
+    rest = linear.unselected if complement else None
+    direct = rest is not None
+    if linear is not None and not direct:
         delta, dq_lin, ds, dz = linear.delta, linear.dq, linear.ds, linear.dz
     else:
         delta = torch.empty_like(lse)
         dq_lin = ds = dz = lse
-    rows = (linear.u, linear.r, linear.t) if complement else (lse, lse, lse)
     common = {
         "D": D,
         "DP": DP,
@@ -501,6 +603,7 @@ def sparse_attn_train_bwd(
         "BK": block_k,
         "HAS_LINEAR": linear is not None,
         "COMPLEMENT": complement,
+        "DIRECT": direct,
         "FEATURE": FEATURE_MAP_IDS[feature_map],
         "EVEN": even_tiles(L, block_q, block_k, D),
         "IS_INTERPRET": IS_INTERPRET,
@@ -512,6 +615,7 @@ def sparse_attn_train_bwd(
         *out.stride()[:3],
         lse if bias is None else bias,
         lut,
+        rest if direct else lut,
         lse,
         delta,
         dq,
@@ -524,6 +628,7 @@ def sparse_attn_train_bwd(
         H,
         NQ,
         lut.shape[-1],
+        rest.shape[-1] if direct else 0,
         HAS_BIAS=bias is not None,
         **common,
         **_launch("dq", D, complement, *launch.get("dq", (None, None))),
