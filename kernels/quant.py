@@ -44,6 +44,8 @@ class InferenceStats(NamedTuple):
     kvw: [B, H, DP, DP] bf16 ``S W^T``, zero-padded.       z: [B, H, DP] fp32 ``sum phi(k)``, zero-padded.
     w_live: [B, H, DP // FINISH_ROWS] int32, per chunk of FINISH_ROWS rows of ``S W^T``: 0 where they are exactly
     zero in bf16 (an all-zero ``proj_l``), 1 otherwise (NaN included).
+    With an all-zero ``proj_l`` weight the state is not computed: kvw is zero, or NaN in the row chunks where K or V
+    sums are non-finite (so the product keeps dense attention's NaN), and z is zero.
     """
 
     k_mean: torch.Tensor
@@ -149,6 +151,51 @@ def _column_sums(x, ones, IS_INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _kv_chunk(
+    p_k, s_kl, p_v, s_vl, start, end, L, o_d, m_d,
+    D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, V_AMAX: tl.constexpr, FEATURE: tl.constexpr,
+    LINEAR: tl.constexpr, V_SUMS: tl.constexpr, IS_INTERPRET: tl.constexpr,
+):  # fmt: skip
+    """The token loop of ``kv_stats_kernel`` over tokens [start, end): (sum of K [DP, 16], max |V| [BT, DP], sum phi(K)
+    (``LINEAR``) or sum of V (``V_SUMS``) [DP, 16], phi(K)^T V [DP, DP]), zeros where not computed."""
+    ones = tl.full([BT, 16], 1.0, tl.float32).to(tl.bfloat16)
+    # [DP, 16]
+    a_sum = tl.zeros([DP, 16], dtype=tl.float32)
+    a_ksum = tl.zeros([DP, 16], dtype=tl.float32)
+    # [BT, DP]
+    a_amax = tl.zeros([BT, DP], dtype=tl.float32)
+    # [DP, DP]
+    b_kv = tl.zeros([DP, DP], dtype=tl.float32)
+    for t in tl.range(start, end, BT):
+        o_t = t + tl.arange(0, BT)
+        m_t = o_t < L
+        m_x = m_t[:, None] & m_d[None, :]
+        # [BT, DP]
+        b_k = tl.load(tile_ptrs(p_k, o_t, s_kl, o_d), mask=m_x, other=0.0)
+        a_sum += _column_sums(b_k, ones, IS_INTERPRET)
+        if V_AMAX or LINEAR or V_SUMS:
+            b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
+            if V_AMAX:
+                a_amax = tl.maximum(a_amax, tl.abs(b_v.to(tl.float32)))
+            if LINEAR:
+                # phi rounded to V's dtype once, for both products: the normaliser sums the values the state weighs,
+                # and one shared operand costs less than a high/low split (tests: within TOL_KV_STATE of fp32).
+                b_phi = tl.where(m_t[:, None], feature_map(b_k.to(tl.float32), m_d, FEATURE), 0.0).to(b_v.dtype)
+                a_ksum += dot(tl.trans(b_phi), ones.to(b_phi.dtype), IS_INTERPRET)
+                b_kv += dot(tl.trans(b_phi), b_v, IS_INTERPRET)
+            if V_SUMS:
+                a_ksum += _column_sums(b_v, ones, IS_INTERPRET)
+    return a_sum, a_amax, a_ksum, b_kv
+
+
+@triton.jit
+def _any_nonzero(weight, o_d, m_d, D: tl.constexpr):
+    """Whether proj_l's [D, D] fp32 ``weight`` holds a non-zero (NaN included): a scalar int32."""
+    b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
+    return tl.max(tl.max((b_w != 0).to(tl.int32), 1), 0)
+
+
+@triton.jit
 def kv_stats_kernel(
     k,
     s_kb,
@@ -158,6 +205,7 @@ def kv_stats_kernel(
     s_vb,
     s_vh,
     s_vl,
+    weight,
     k_sum,
     v_amax,
     kv,
@@ -178,45 +226,40 @@ def kv_stats_kernel(
     The token sums run on the tensor cores as products with a ones tile ([DP, 16] accumulators, every column the
     same sum, read back by a NaN-keeping max) and the maxima elementwise in a [BT, DP] tile, so the loop has no
     cross-thread reduction, only one per program at the end (per-tile ``tl.sum(axis=0)`` cost as much as the state).
+
+    Given proj_l's ``weight`` (the forward) and it is all zero, the linear state is never read (``S W^T`` = 0): the
+    loop sums V instead of phi(K) into ``ksum`` (the finishing launch only needs to know whether S would hold a
+    NaN/Inf, which the K and V sums tell) and writes no state.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     o_d = tl.arange(0, DP)
     m_d = o_d < D
     p_k = head_base(k, i_bh, H, s_kb, s_kh)
     p_v = head_base(v, i_bh, H, s_vb, s_vh)
-    ones = tl.full([BT, 16], 1.0, tl.float32).to(tl.bfloat16)
-    # [DP, 16]
-    a_sum = tl.zeros([DP, 16], dtype=tl.float32)
-    a_ksum = tl.zeros([DP, 16], dtype=tl.float32)
-    # [BT, DP]
-    a_amax = tl.zeros([BT, DP], dtype=tl.float32)
-    # [DP, DP]
-    b_kv = tl.zeros([DP, DP], dtype=tl.float32)
     start = i_c * CHUNK
-    for t in tl.range(start, tl.minimum(start + CHUNK, L), BT):
-        o_t = t + tl.arange(0, BT)
-        m_t = o_t < L
-        m_x = m_t[:, None] & m_d[None, :]
-        # [BT, DP]
-        b_k = tl.load(tile_ptrs(p_k, o_t, s_kl, o_d), mask=m_x, other=0.0)
-        a_sum += _column_sums(b_k, ones, IS_INTERPRET)
-        if V_AMAX or HAS_LINEAR:
-            b_v = tl.load(tile_ptrs(p_v, o_t, s_vl, o_d), mask=m_x, other=0.0)
-            if V_AMAX:
-                a_amax = tl.maximum(a_amax, tl.abs(b_v.to(tl.float32)))
-            if HAS_LINEAR:
-                # phi rounded to V's dtype once, for both products: the normaliser sums the values the state weighs,
-                # and one shared operand costs less than a high/low split (tests: within TOL_KV_STATE of fp32).
-                b_phi = tl.where(m_t[:, None], feature_map(b_k.to(tl.float32), m_d, FEATURE), 0.0).to(b_v.dtype)
-                a_ksum += dot(tl.trans(b_phi), ones.to(b_phi.dtype), IS_INTERPRET)
-                b_kv += dot(tl.trans(b_phi), b_v, IS_INTERPRET)
+    end = tl.minimum(start + CHUNK, L)
+    live = tl.full([], 1, tl.int32)
+    if HAS_LINEAR and weight is not None:
+        live = _any_nonzero(weight, o_d, m_d, D)
+        if live != 0:
+            a_sum, a_amax, a_ksum, b_kv = _kv_chunk(
+                p_k, s_kl, p_v, s_vl, start, end, L, o_d, m_d, D, DP, BT, V_AMAX, FEATURE, True, False, IS_INTERPRET
+            )
+        else:
+            a_sum, a_amax, a_ksum, b_kv = _kv_chunk(
+                p_k, s_kl, p_v, s_vl, start, end, L, o_d, m_d, D, DP, BT, V_AMAX, FEATURE, False, True, IS_INTERPRET
+            )
+    else:
+        a_sum, a_amax, a_ksum, b_kv = _kv_chunk(
+            p_k, s_kl, p_v, s_vl, start, end, L, o_d, m_d, D, DP, BT, V_AMAX, FEATURE, HAS_LINEAR, False, IS_INTERPRET
+        )
     i_out = i_bh.to(tl.int64) * tl.num_programs(0) + i_c
     tl.store(k_sum + i_out * DP + o_d, tl.reduce(a_sum, 1, _max_keep_nan))
     if V_AMAX:
         tl.store(v_amax + i_out * DP + o_d, tl.max(a_amax, axis=0))
     if HAS_LINEAR:
         tl.store(ksum + i_out * DP + o_d, tl.reduce(a_ksum, 1, _max_keep_nan))
-        tl.store(kv + i_out * DP * DP + o_d[:, None] * DP + o_d[None, :], b_kv)
+        tl.store(kv + i_out * DP * DP + o_d[:, None] * DP + o_d[None, :], b_kv, mask=live != 0)
 
 
 @triton.jit
@@ -255,6 +298,11 @@ def kv_stats_finish_kernel(
     i_r, i_bh = tl.program_id(0), tl.program_id(1)
     o_r = i_r * RB + tl.arange(0, RB)
     o_d = tl.arange(0, DP)
+    m_d = o_d < D
+    # As kv_stats_kernel decided it: with an all-zero weight the partials hold V sums and no state.
+    live = tl.full([], 1, tl.int32)
+    if kvw_out is not None:
+        live = _any_nonzero(weight, o_d, m_d, D)
     a_sum = tl.zeros([RB], dtype=tl.float32)
     a_amax = tl.zeros([RB], dtype=tl.float32)
     a_ksum = tl.zeros([RB], dtype=tl.float32)
@@ -267,7 +315,7 @@ def kv_stats_finish_kernel(
             a_amax = _max_keep_nan(a_amax, tl.load(v_amax + i_part * DP + o_r))
         if HAS_LINEAR:
             a_ksum += tl.load(ksum + i_part * DP + o_r)
-            a_kv += tl.load(kv + (i_part * DP + o_r[:, None]) * DP + o_d[None, :])
+            a_kv += tl.load(kv + (i_part * DP + o_r[:, None]) * DP + o_d[None, :], mask=live != 0, other=0.0)
     m_r = o_r < D
     p_vec = i_bh.to(tl.int64) * D + o_r
     tl.store(k_mean_out + p_vec, a_sum / L, mask=m_r)
@@ -281,19 +329,27 @@ def kv_stats_finish_kernel(
         p_kv = kv_out + (i_bh.to(tl.int64) * D + o_r[:, None]) * D + o_d[None, :]
         tl.store(p_kv, a_kv, mask=m_r[:, None] & (o_d < D)[None, :])
     if kvw_out is not None:
-        m_d = o_d < D
-        # [DP, DP] proj_l weight W (rows: output channels), zero-padded
-        b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
-        # [RB, DP] rows of S W^T at fp32 accuracy on the tensor cores (3xTF32; H100, B1 H12 L32760: 0.112 ms
-        # for the reductions against 0.129 with an FMA product and 0.127 for kv_stats + the torch fold), then
-        # bf16 as the kernel reads it: 0.03 % of entries one bf16 ulp off the torch fold's
-        b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="tf32x3")
         p_kvw = kvw_out + (i_bh.to(tl.int64) * DP + o_r[:, None]) * DP + o_d[None, :]
-        b_kvw = b_kvw.to(tl.bfloat16)
-        tl.store(p_kvw, b_kvw)
-        # Whether these rows are non-zero (NaN != 0 holds, so a NaN keeps the product and its NaN in the output).
-        tl.store(w_live_out + i_bh.to(tl.int64) * (DP // RB) + i_r, tl.max(tl.max((b_kvw != 0).to(tl.int32), 1), 0))
-        tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
+        p_live = w_live_out + i_bh.to(tl.int64) * (DP // RB) + i_r
+        if live != 0:
+            # [DP, DP] proj_l weight W (rows: output channels), zero-padded
+            b_w = tl.load(weight + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
+            # [RB, DP] rows of S W^T at fp32 accuracy on the tensor cores (3xTF32), then bf16 as the kernel reads
+            # it: 0.03 % of entries one bf16 ulp off the torch fold's
+            b_kvw = tl.dot(a_kv, tl.trans(b_w), input_precision="tf32x3").to(tl.bfloat16)
+            tl.store(p_kvw, b_kvw)
+            # Whether these rows are non-zero (NaN != 0 holds, so a NaN keeps the product and its NaN in the output).
+            tl.store(p_live, tl.max(tl.max((b_kvw != 0).to(tl.int32), 1), 0))
+            tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, a_ksum)
+        else:
+            # S W^T = 0, but 0 * NaN is NaN: S holds a NaN/Inf where the K or V sums do (phi keeps a non-finite
+            # key). These rows become NaN, so the product spreads it over the head as dense attention does.
+            # (|x| < inf is False for NaN.)
+            bad = ((tl.abs(a_sum) < float("inf")) & (tl.abs(a_ksum) < float("inf"))) == 0
+            b_kvw = tl.where(bad[:, None], float("nan"), tl.zeros([RB, DP], dtype=tl.float32)).to(tl.bfloat16)
+            tl.store(p_kvw, b_kvw)
+            tl.store(p_live, tl.max(bad.to(tl.int32), 0))
+            tl.store(z_out + i_bh.to(tl.int64) * DP + o_r, tl.zeros([RB], dtype=tl.float32))
 
 
 @triton.jit
@@ -363,11 +419,13 @@ def _kv_reduce(
     amax = torch.empty_like(k_sum) if v_amax else k_sum
     ksum = torch.empty_like(k_sum) if linear else k_sum
     kv = torch.empty(B, H, chunks, DP, DP, device=k.device, dtype=torch.float32) if linear else k_sum
+    weight = weight.float().contiguous() if linear and inference else None
     kv_stats_kernel[(chunks, B * H)](
         k,
         *k.stride()[:3],
         v,
         *v.stride()[:3],
+        weight,
         k_sum,
         amax,
         kv,
@@ -404,7 +462,7 @@ def _kv_reduce(
         out_amax,
         out_kv,
         out_ksum,
-        weight.float().contiguous() if kvw is not None else None,
+        weight,
         out_scale,
         kvw,
         z,

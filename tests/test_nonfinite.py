@@ -30,17 +30,22 @@ def _inputs(where: str, bad: float, layout: str) -> list[torch.Tensor]:
 
 @pytest.mark.usefixtures("gpu_nan_semantics")
 @pytest.mark.parametrize("backend,quantized,pv", PATHS)
-# The linear branch with relu, whose max(x, 0) would drop NaN on the GPU.
+# The linear branch with relu, whose max(x, 0) would drop NaN on the GPU; an all-zero proj_l weight, whose product
+# the kernels skip (0 * NaN is still NaN).
 @pytest.mark.parametrize(
-    "layout,linear,feature", [("HND", False, "softmax"), ("NHD", True, "relu")], ids=["HND-sparse-only", "NHD-linear"]
+    "layout,proj,feature",
+    [("HND", None, "softmax"), ("NHD", "random", "relu"), ("HND", "zero", "elu")],
+    ids=["HND-sparse-only", "NHD-linear", "HND-zero-proj"],
 )
 @pytest.mark.parametrize("topk", [1.0, 0.5])
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_non_finite_where_dense_is(backend, quantized, pv, layout, linear, feature, topk, where, bad):
+def test_non_finite_where_dense_is(backend, quantized, pv, layout, proj, feature, topk, where, bad):
     inputs = _inputs(where, bad, layout)
     d = SHAPE[-1]
-    w, b = (torch.randn(d, d, device=DEVICE) * 0.05, torch.randn(d, device=DEVICE) * 0.05) if linear else (None, None)
+    w, b = (torch.randn(d, d, device=DEVICE) * 0.05, torch.randn(d, device=DEVICE) * 0.05) if proj else (None, None)
+    if proj == "zero":
+        w.zero_()
     o, lut = run_forward(
         backend, *inputs, topk=topk, tensor_layout=layout, quantized=quantized, pv_precision=pv, feature_map=feature,
         proj_weight=w, proj_bias=b,

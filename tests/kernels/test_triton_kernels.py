@@ -61,6 +61,25 @@ def test_kv_stats(shape, bq, bk):
             assert_close(f"kv_stats.{name}[{feature}]", r, t, TOL_KV_STATE if name in ("kv", "ksum") else 1e-5)
 
 
+@pytest.mark.parametrize("bad", [None, ("v", float("nan")), ("k", float("inf"))], ids=["finite", "v-nan", "k-inf"])
+def test_inference_stats_zero_weight_skips_the_state_but_keeps_non_finite(bad):
+    """An all-zero proj_l weight: the state is not computed (kvw and z zero, no live rows), the other statistics
+    are those of a trained weight; a NaN/Inf in K or V makes rows of kvw NaN and live, as 0 * NaN is NaN."""
+    k, v = _qkv((1, 2, 100, 64), _device((1, 2, 100, 64)))[1:]
+    if bad is not None:
+        {"k": k, "v": v}[bad[0]][0, 1, 70, 5] = bad[1]
+    trained = inference_stats(k, v, True, "elu", torch.randn(64, 64, device=k.device) * 0.05)
+    zero = inference_stats(k, v, True, "elu", torch.zeros(64, 64, device=k.device))
+    assert torch.equal(zero.k_mean.nan_to_num(), trained.k_mean.nan_to_num())
+    assert torch.equal(zero.v_scale.nan_to_num(), trained.v_scale.nan_to_num())
+    assert not zero.z.any()
+    if bad is None:
+        assert not zero.kvw.any() and not zero.w_live.any()
+    else:
+        assert not zero.w_live[0, 0].any() and not zero.kvw[0, 0].isnan().any(), "the clean head stays zero"
+        assert zero.w_live[0, 1].any() and zero.kvw[0, 1].isnan().any()
+
+
 @pytest.mark.parametrize("shape,bq,bk", SHAPES)
 def test_inference_stats_fold_and_v_scales(shape, bq, bk):
     """The forward's reductions: k_mean and z as kv_stats gives them, V scales bit for bit as the reference's, and
