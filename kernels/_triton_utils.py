@@ -1,15 +1,22 @@
-"""Small helpers shared by the Triton kernel families."""
+"""Small helpers shared by the Triton kernel families, and the shared constants as compile-time values."""
 
 import os
 
 import triton
 import triton.language as tl
 
-from sagesla.kernels.quant_ref import LOG2E as _LOG2E
+from sagesla.kernels import constants
 
 # Under the interpreter bf16 dots and some casts are wrong (docs/testing.md): kernels upcast when this is set.
 IS_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = tl.constexpr(_LOG2E)
+
+# constants.py's numbers as compile-time values of the kernels.
+LOG2E = tl.constexpr(constants.LOG2E)
+LN2 = tl.constexpr(constants.LN2)
+DENOM_EPS = tl.constexpr(constants.DENOM_EPS)
+INT8_MAX = tl.constexpr(constants.INT8_MAX)
+FP8_MAX = tl.constexpr(constants.FP8_MAX)
+SCALE_FLOOR = tl.constexpr(constants.SCALE_FLOOR)
 
 FEATURE_MAP_IDS = {"softmax": 0, "elu": 1, "relu": 2}
 
@@ -67,7 +74,7 @@ def fp8e4m3_round_interpret(x):
     nearest = tl.floor(steps + 0.5)
     is_odd_tie = (nearest - steps == 0.5) & (nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0)
     y = tl.where(is_odd_tie, nearest - 1.0, nearest) * quantum
-    return tl.where(x < 0, -1.0, 1.0) * tl.minimum(y, 448.0)
+    return tl.where(x < 0, -1.0, 1.0) * tl.minimum(y, FP8_MAX)
 
 
 @triton.jit

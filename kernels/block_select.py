@@ -12,7 +12,7 @@ import triton.language as tl
 from sagesla.kernels.block_select_ref import MAX_KEY_BLOCKS, num_selected_blocks
 
 # Pooled scores alive at once: 128 MiB holds every head of the Wan2.1-14B shape (B1 H40 L75600, 112 MiB at 64 x 128
-# blocks), so measured shapes run in one launch; larger batches are ranked a group of heads at a time.
+# blocks), so the Wan shapes run in one launch; larger batches are ranked a group of heads at a time.
 SCORE_BUFFER_BYTES = 128 << 20
 
 
@@ -93,8 +93,8 @@ def select_blocks(
     NKP = max(16, triton.next_power_of_2(NK))
     if NKP > MAX_KEY_BLOCKS:
         raise NotImplementedError(f"select_blocks: {NK} key blocks exceed the kernel's {MAX_KEY_BLOCKS}")
-    # Measured on an H100 (benchmarks/README.md): one row per program, on one warp up to 256 key blocks (B1 H12
-    # L32760: 0.020 ms, 8 rows on 4 warps 0.028), on 2 warps beyond (B1 H40 L75600: 0.486 ms).
+    # One row per program on one warp up to 256 key blocks, 2 warps beyond: fastest at the Wan shapes
+    # (benchmarks/experiments.md, block selection).
     rows, warps = (1, 1) if NKP <= 256 else (1, 2)
     q_heads, k_heads = q_pool.reshape(B * H, NQ, W), k_pool.reshape(B * H, NK, -1)
     lut = torch.empty(B * H, NQ, S, device=q_pool.device, dtype=torch.int32)

@@ -8,10 +8,10 @@ selected for it: ``S_i = S - sum_{j in lut_i} S_j``. Then ``proj_l(o_l) = o_l W^
 import torch
 
 from sagesla.kernels.blocks_ref import at_least_fp32, to_blocks
+from sagesla.kernels.constants import DENOM_EPS
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_SCOPES = ("all", "complement")
-DENOM_EPS = 1e-5
 
 
 def feature_map_ref(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -13,14 +13,7 @@ from typing import NamedTuple
 import torch
 
 from sagesla.kernels.blocks_ref import block_rows, to_blocks
-from sagesla.kernels.linear_attn_ref import feature_map_ref
-
-LOG2E = 1.4426950408889634
-INT8_MAX = 127.0
-FP8_MAX = 448.0
-FP8_DTYPE = torch.float8_e4m3fn
-# Keeps the scale of an all-zero block a normal fp32 number; every value of such a block quantizes to 0.
-SCALE_FLOOR = 1e-30
+from sagesla.kernels.constants import FP8_DTYPE, FP8_MAX, INT8_MAX, SCALE_FLOOR
 
 
 class QKQuant(NamedTuple):
@@ -67,35 +60,6 @@ def pool_blocks_ref(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of each block's real rows: [B, H, L, D] -> [B, H, N, D] fp32."""
     sums = to_blocks(x.float(), block).sum(dim=-2)
     return sums / block_rows(x.shape[-2], block, x.device)[:, None]
-
-
-class KVStats(NamedTuple):
-    """Reductions over all tokens of K and V, each per (batch, head); None where not asked for.
-
-    k_mean: [B, H, 1, D] fp32 token mean of K.       v_amax: [B, H, D] fp32 per-channel max of |V|.
-    kv: [B, H, D, D] fp32 ``sum_c phi(k_c)^T v_c``.   ksum: [B, H, D] fp32 ``sum_c phi(k_c)``.
-    """
-
-    k_mean: torch.Tensor
-    v_amax: torch.Tensor | None
-    kv: torch.Tensor | None
-    ksum: torch.Tensor | None
-
-
-def kv_stats_ref(k: torch.Tensor, v: torch.Tensor, v_amax: bool, feature_map: str | None) -> KVStats:
-    """The token reductions the quantizers and the linear branch need.
-
-    Args:
-        k, v: [B, H, L, D].
-        v_amax: compute the V maxima (only FP8 V needs them).
-        feature_map: phi of the linear branch, or None to skip its state.
-    """
-    kf, vf = k.float(), v.float()
-    amax = vf.abs().amax(dim=-2) if v_amax else None
-    if feature_map is None:
-        return KVStats(kf.mean(dim=-2, keepdim=True), amax, None, None)
-    phi = feature_map_ref(kf, feature_map)
-    return KVStats(kf.mean(dim=-2, keepdim=True), amax, phi.transpose(-1, -2) @ vf, phi.sum(dim=-2))
 
 
 def quant_qk_ref(

@@ -9,8 +9,9 @@ FP8), and the fused sparse + linear kernel. No host synchronisation and no data-
 import torch
 
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.quant import inference_stats, quant_qk, quant_v_fp8_scaled
-from sagesla.kernels.quant_ref import LOG2E
+from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.kv_stats import inference_stats
+from sagesla.kernels.quant import quant_qk, quant_v_fp8_scaled
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
 
 

@@ -6,8 +6,10 @@ Validation and layout handling live in ``sagesla.functional``; this takes checke
 import torch
 
 from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
+from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.kv_stats_ref import kv_stats_ref
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.quant_ref import pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref, sparse_attn_ref
 
 

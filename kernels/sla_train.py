@@ -18,8 +18,9 @@ import torch
 
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.block_select_ref import num_selected_blocks
-from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
-from sagesla.kernels.quant import kv_stats, quant_qk
+from sagesla.kernels.kv_stats import kv_stats
+from sagesla.kernels.linear_attn_train import linear_attn_bwd_q, linear_state
+from sagesla.kernels.quant import quant_qk
 from sagesla.kernels.sparse_attn_train import sparse_attn_train_bwd, sparse_attn_train_fwd
 
 

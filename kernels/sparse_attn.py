@@ -16,6 +16,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sagesla.kernels._triton_utils import (
+    DENOM_EPS,
     FEATURE_MAP_IDS,
     IS_INTERPRET,
     feature_map_unnormalized,
@@ -24,7 +25,7 @@ from sagesla.kernels._triton_utils import (
     padded_head_dim,
     tile_ptrs,
 )
-from sagesla.kernels.quant import FINISH_ROWS
+from sagesla.kernels.kv_stats import FINISH_ROWS
 
 # log2(448) rounded down: exp2 of it stays below the e4m3 maximum, so P never saturates.
 LOG2_FP8_MAX = tl.constexpr(8.807)
@@ -72,8 +73,8 @@ def _attend_block(
     b_alpha = tl.exp2(b_m - b_m_new)
     # Exponent (s - s_max) * sc + bias, bias = s_max * sc - m <= 0: s - s_max is an exact integer difference
     # <= 0, so P <= 1 (2^8.807 < 448 with the FP8 shift) at any score magnitude, however the FMA rounds, and
-    # the block holding the row maximum gives it exactly that. (exp2(s * sc - (m - 8.807)) rounds the shift by
-    # up to half an ulp of m, 0.25 at |m| ~ 4e6: P reached 2^9, saturated in FP8 while the row sum kept it.)
+    # the block holding the row maximum gives it exactly that. (exp2(s * sc - (m - 8.807)) would round the shift by
+    # up to half an ulp of m, 0.25 at |m| ~ 4e6: P could reach 2^9 and saturate in FP8 while the row sum kept it.)
     b_bias = tl.where(b_m_blk >= b_m_new, 0.0, b_m_blk - b_m_new)
     if PV_FP8:
         b_bias += LOG2_FP8_MAX
@@ -158,7 +159,7 @@ def sparse_attn_fwd_kernel(
         tl.zeros([BQ, DP], dtype=tl.float32),
     )
     # No peeled iteration for the tail block: peeling the LUT's last entry (the only one that can be the tail when
-    # the LUT is ascending) left its loads outside the pipelined loop, exposed at the end of every program.
+    # the LUT is ascending) would leave its loads outside the pipelined loop, exposed at the end of every program.
     for s in tl.range(0, S):
         state = _attend_block(
             b_q, b_qs, keys, values, tl.load(p_lut + s), state, L, D, DP, BK, PV_FP8, not EVEN_L, IS_INTERPRET
@@ -172,7 +173,7 @@ def sparse_attn_fwd_kernel(
     if PV_FP8:
         b_o = b_o * b_vs[None, :]
     # An all-zero proj_l (not fine-tuned) makes S W^T, so the product, exactly zero: skip it, decided on the device.
-    # Read after the loop: held across it, the flag spilled at 168 registers.
+    # Read after the loop: held across it, the flag would spill under the 168-register cap.
     if HAS_LINEAR:
         b_live = tl.max(tl.load(w_live + i_bh64 * LIVE_CHUNKS + tl.arange(0, LIVE_CHUNKS)), 0)
         if b_live != 0:
@@ -182,7 +183,7 @@ def sparse_attn_fwd_kernel(
             b_kvw = kvw_desc.load([i_bh * DP, 0])
             # phi = f / n: (phi S) / (1e-5 + phi . z) = (f S) / (1e-5 n + f . z), one division a row
             b_f, b_n = feature_map_unnormalized(b_x.to(tl.float32), m_d, FEATURE)
-            b_den = 1e-5 * b_n + tl.sum(b_f * b_z[None, :], axis=1)
+            b_den = DENOM_EPS * b_n + tl.sum(b_f * b_z[None, :], axis=1)
             # The product accumulates onto o * den, so no second [BQ, DP] accumulator is alive.
             if IS_INTERPRET:
                 b_o = tl.dot(b_f, b_kvw.to(tl.float32), b_o * b_den[:, None])
@@ -201,12 +202,12 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def _launch_options(capability: tuple[int, int] | None, block_q: int, head_dim: int, pv_fp8: bool) -> dict:
-    """num_warps, num_stages and (Hopper, FP8 P.V, D <= 128) a register cap, from H100 measurements.
+    """num_warps, num_stages and (Hopper, FP8 P.V, D <= 128) a register cap.
 
     At 64 x 128 blocks the FP8 kernel needs about 217 registers a thread, so two programs share an SM; capped at
-    168, three do, and the loop hides its MMA and exp latencies better (B1 H12 L32760 D128, topk 0.05, with the
-    linear branch: 0.658 -> 0.583 ms; H40 L75600: 10.05 -> 8.99 ms; benchmarks/README.md); nothing spills under it.
-    bf16 P.V keeps 2 stages and no cap (its loop spills under it).
+    168, three do, and the loop hides its MMA and exp latencies better (faster at the Wan shapes:
+    benchmarks/experiments.md, register cap); nothing spills under it. bf16 P.V keeps 2 stages and no cap (its loop
+    spills under it).
     """
     options = {"num_warps": 4 if block_q <= 64 else 8, "num_stages": 2}
     if capability is not None and capability[0] == 9 and block_q <= 64 and head_dim <= 128 and pv_fp8:

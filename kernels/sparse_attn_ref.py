@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from sagesla.kernels.blocks_ref import at_least_fp32, to_blocks
-from sagesla.kernels.quant_ref import FP8_DTYPE, FP8_MAX, LOG2E
+from sagesla.kernels.constants import FP8_DTYPE, FP8_MAX, LOG2E
 
 # Bytes of fp32 score temporaries one chunk of heads may hold.
 _CHUNK_BYTES = 1 << 28

@@ -6,8 +6,9 @@ fused). Unquantized: Q.K^T and P.V in the compute dtype (fp16 / bf16) with fp32 
 
 - Forward, one program per (query block, batch * head): Q resident, an online exp2 softmax over the key blocks of
   ``lut``; the epilogue adds the linear branch and ``proj_l`` (scope "complement" subtracts the selected blocks'
-  share inside the loop or, when fewer blocks are left out, sums those in a second loop: see ``linear_attn``) and
-  stores ``out`` and the natural-log LSE per row. Only ``out`` and the LSE are kept for the backward, as SDPA keeps.
+  share inside the loop or, when fewer blocks are left out, sums those in a second loop: see
+  ``linear_attn_train``) and stores ``out`` and the natural-log LSE per row. Only ``out`` and the LSE are kept for
+  the backward, as SDPA keeps.
 - Backward dQ, one program per (query block, head): ``delta = rowsum(dO * o_s)`` for the sparse branch's output
   ``o_s = out - proj_l(o_l)`` (from ``linear_attn_bwd_q`` with the linear branch, else here; stored for dK/dV; when
   scope "complement" sums the unselected blocks, ``rowsum(P * dO V^T)`` from a first walk), then the same walk:
@@ -25,6 +26,8 @@ import triton.language as tl
 from sagesla.kernels._triton_utils import (
     FEATURE_MAP_IDS,
     IS_INTERPRET,
+    LN2,
+    LOG2E,
     dot,
     even_tiles,
     feature_map,
@@ -35,7 +38,7 @@ from sagesla.kernels._triton_utils import (
     tile_ptrs,
 )
 from sagesla.kernels.block_select_ref import lut_to_mask
-from sagesla.kernels.linear_attn import (
+from sagesla.kernels.linear_attn_train import (
     LinearGrads,
     LinearState,
     complement_step,
@@ -46,13 +49,9 @@ from sagesla.kernels.linear_attn import (
     unselected_blocks,
 )
 
-LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(1.4426950408889634)
-
 # (num_warps, num_stages) per kernel: "plain" for DP <= 128, "complement" for scope "complement" (more live tiles),
-# "wide" for DP > 128 (one stage keeps shared memory under 164 KB). scripts/bench_attention.py --sweep times others:
-# on an H100 at B1 H12 L32760 D128, topk 0.05 (benchmarks/results/H100-attention-quick.md), "plain" forward 4/3 took
-# 0.951 ms (4/2: 1.044) and the backward with dK/dV on 4/2 3.371 ms (8/2: 4.901), hence the "plain" defaults.
+# "wide" for DP > 128 (one stage keeps shared memory under 164 KB). "plain": the fastest of
+# scripts/bench_attention.py --sweep at the Wan2.1-1.3B shape (benchmarks/experiments.md, trainable SLA launch).
 LAUNCH = {
     "fwd": {"plain": (4, 3), "complement": (8, 2), "wide": (8, 1)},
     "dq": {"plain": (4, 2), "complement": (8, 2), "wide": (8, 1)},
@@ -499,10 +498,10 @@ def sparse_attn_train_fwd(
         q, k, v: [B, H, L, D] views in the compute dtype with unit stride on D.
         lut: [B, H, NQ, S] int32, ascending.
         out: [B, H, L, D] view of the output (any float dtype, unit stride on D).
-        linear: ``linear_attn.linear_state`` of this call, to add ``o_l W^T``, or None.
+        linear: ``linear_attn_train.linear_state`` of this call, to add ``o_l W^T``, or None.
         bias: [D] fp32 added to every row, or None.
         complement: scope "complement" (the selected blocks' share is removed from the linear state, or the
-            unselected blocks summed directly when fewer: ``linear_attn.sums_unselected``).
+            unselected blocks summed directly when fewer: ``linear_attn_train.sums_unselected``).
     Returns:
         lse: [B*H, L] fp32, natural log of the sum of exp(sm_scale * q.k) over each row's selected keys.
     """

@@ -9,9 +9,10 @@ and shared memory from ``cuobjdump``. A kernel that the GPU compiler rejects fai
 (the interpreter cannot see such errors, e.g. ``tl.dot`` operands of two dtypes, which its fp32 dots accept);
 spills (STACK > 0) on the default path are a performance bug unless they stay outside the hot loop. On sm90 it
 also prints ``wgmma-serialized:C75xx`` when ptxas makes each Hopper matrix instruction wait for the previous one.
-The FP8 sparse kernel is serialized, and measured faster that way than variants without the serialization
-(benchmarks/README.md, sixth session). Pointer and stride arguments are assumed 16-byte aligned, as they are for
-contiguous tensors. To check another triton (e.g. the GPU image's 3.6.0), put its wheel first on PYTHONPATH.
+The FP8 sparse kernel is serialized: under its register cap three programs fit an SM, which beats two with
+pipelined products (benchmarks/experiments.md, "Sparse loop: register cap and occupancy"). Pointer and stride
+arguments are assumed 16-byte aligned, as they are for contiguous tensors. To check another triton (e.g. the GPU
+image's 3.6.0), put its wheel first on PYTHONPATH.
 """
 
 import argparse
@@ -31,8 +32,8 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from sagesla.kernels import sparse_attn  # noqa: E402
-from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state  # noqa: E402
-from sagesla.kernels.quant import kv_stats  # noqa: E402
+from sagesla.kernels.kv_stats import kv_stats  # noqa: E402
+from sagesla.kernels.linear_attn_train import linear_attn_bwd_q, linear_state  # noqa: E402
 from sagesla.kernels.sla import sla_forward  # noqa: E402
 from sagesla.kernels.sparse_attn_train import sparse_attn_train_bwd, sparse_attn_train_fwd  # noqa: E402
 

@@ -11,8 +11,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from sagesla.kernels.constants import FP8_MAX
 from sagesla.kernels.quant import quant_v_fp8
-from sagesla.kernels.quant_ref import FP8_MAX, quant_v_fp8_ref
+from sagesla.kernels.quant_ref import quant_v_fp8_ref
 from sagesla.testing import BOUND_SAGESLA, BOUND_SLA, FORWARD_PATHS, assert_close, run_forward, sla_dense_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,9 +25,12 @@ from hypothesis import strategies as st
 import sagesla
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
+from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.kv_stats import kv_stats
+from sagesla.kernels.kv_stats_ref import kv_stats_ref
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant import kv_stats, quant_qk, quant_v_fp8
-from sagesla.kernels.quant_ref import LOG2E, kv_stats_ref, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.quant import quant_qk, quant_v_fp8
+from sagesla.kernels.quant_ref import pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sla_train import sparse_linear_train
 from sagesla.kernels.sparse_attn_ref import sparse_attn_ref
 from sagesla.testing import (

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for the H100 (sm90) on this CPU machine: ``scripts/compile_check.py``.
 
 The interpreter runs the kernels' logic but not the GPU compiler's checks: a ``tl.dot`` of fp16 and bf16 operands
-ran under the interpreter (its dots take fp32) and failed only on the GPU (fourth session). Compiling each launch
+runs under the interpreter (its dots take fp32) and fails only on the GPU. Compiling each launch
 with the wheel's own ptxas catches such errors in CI. It also reports where ptxas serializes Hopper's matrix
 instructions (a performance note, not an error).
 """

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from sagesla.kernels.constants import FP8_DTYPE
+from sagesla.kernels.kv_stats_ref import kv_stats_ref
 from sagesla.kernels.quant_ref import (
-    FP8_DTYPE,
-    kv_stats_ref,
     pool_blocks_ref,
     quant_int8_per_block_ref,
     quant_qk_ref,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sagesla.kernels.block_select_ref import lut_to_mask
+from sagesla.kernels.kv_stats import kv_stats
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant import kv_stats
 from sagesla.kernels.sla_ref import sla_forward_ref
 from sagesla.kernels.sla_train import sparse_linear_train
 from sagesla.kernels.sparse_attn_ref import sparse_attn_ref
@@ -125,7 +125,8 @@ def test_triton_train_vs_reference(shape, bq, bk, dtype, scope, feature, topk):
 # Scope "complement" with few key blocks left out (the selected ones carry nearly all of the linear state), against
 # float64: topk 0.75 to 0.94 of random selections, and "tail", every block but the last, short one (1 key at
 # L=1025, 63 at L=1087). Worst measured under the interpreter: out 5.7e-3, dq 6.2e-3, dk 6.1e-3, dv 6.8e-3,
-# dW 6.6e-3, db 1.7e-3 (bf16; the subtraction the kernels did before gave up to 0.74 on out and 1.2 on dv).
+# dW 6.6e-3, db 1.7e-3 (bf16; subtracting the selected blocks' share from the whole state instead gives up to 0.74
+# on out and 1.2 on dv, hence ``sums_unselected``).
 FEW_LEFT_OUT = [
     pytest.param((1, 1, 1025, 64), 64, 64, torch.bfloat16, "softmax", "tail", id="L1025-bf16-tail1"),
     pytest.param((1, 1, 1025, 64), 64, 64, torch.float16, "softmax", "tail", id="L1025-fp16-tail1"),
@@ -262,7 +263,7 @@ def test_sla_forward_ref_gradcheck(scope):
     assert torch.autograd.gradcheck(fn, (q, k, v, w, b), fast_mode=True)
 
 
-# Full sizes on the GPU: bounds measured on an H100 go in the comments when run.
+# Full sizes on the GPU (proj_l std 0.05), within the same bounds as the interpreter's cases (``_compare``).
 GPU_CASES = [
     pytest.param((1, 2, 4099, 128), 64, 64, torch.bfloat16, "all", 0.05, id="L4099-D128-bf16-all"),
     pytest.param((1, 2, 4099, 128), 64, 64, torch.float16, "complement", 0.1, id="L4099-D128-fp16-complement"),

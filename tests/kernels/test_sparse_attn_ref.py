@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from sagesla.kernels.block_select_ref import lut_to_mask, select_blocks_ref
-from sagesla.kernels.quant_ref import LOG2E, pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
+from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.quant_ref import pool_blocks_ref, quant_qk_ref, quant_v_fp8_ref
 from sagesla.kernels.sparse_attn_ref import sparse_attn_quant_ref, sparse_attn_ref
 from sagesla.testing import assert_close, dense_masked_attention, expand_block_mask
 

@@ -1,4 +1,4 @@
-"""Triton pieces of SLA's linear branch for training; twin of ``linear_attn_ref.linear_attn_ref`` (with autograd).
+"""The trainable SLA's linear branch in Triton; twin of ``linear_attn_ref.linear_attn_ref`` (with its autograd).
 
 Per query row: ``num = phi(q) S - cn``, ``den = 1e-5 + phi(q) . z - cd``, ``o_l = num / den`` and
 ``proj_l(o_l) = o_l W^T + b``, with ``S = sum phi(k)^T v`` [DP, DP] and ``z = sum phi(k)`` [DP] per head over every
@@ -10,8 +10,9 @@ blocks are left out than selected (``sums_unselected``) the kernels instead sum 
 ``den = 1e-5 + rowsum(sum_j A_j)`` directly over the unselected blocks (``unselected_blocks``; flag ``DIRECT``),
 which also walks fewer blocks.
 
-The helpers here are shared with ``sparse_attn_train`` (forward epilogue, backward loops); the kernel is the query
-side of the branch's backward. Derivation: docs/math.md, "Backward".
+The jit helpers here are shared with ``sparse_attn_train`` (forward epilogue, backward loops); the kernel is the
+query side of the branch's backward; ``linear_state`` prepares the state the training kernels read. Derivation:
+docs/math.md, "Backward".
 """
 
 from typing import NamedTuple
@@ -22,6 +23,7 @@ import triton
 import triton.language as tl
 
 from sagesla.kernels._triton_utils import (
+    DENOM_EPS,
     FEATURE_MAP_IDS,
     IS_INTERPRET,
     dot,
@@ -34,8 +36,6 @@ from sagesla.kernels._triton_utils import (
     tile_ptrs,
 )
 from sagesla.kernels.block_select_ref import lut_to_mask
-
-DENOM_EPS = tl.constexpr(1e-5)
 
 
 @triton.jit
@@ -314,7 +314,7 @@ def unselected_blocks(lut: torch.Tensor, num_key_blocks: int) -> torch.Tensor:
 
 def folded_state(kv: torch.Tensor, ksum: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused kernels' linear operands: ``S W^T`` [..., DP, DP] bf16 and ``z`` [..., DP] fp32, zero-padded to DP
-    (the training kernels' state; the inference forward gets them from ``quant.inference_stats``' finishing launch).
+    (the training kernels' state; the inference forward gets them from ``kv_stats.inference_stats``' finishing launch).
 
     kv: [..., D, D] = S, ksum: [..., D] = z (``kv_stats``), weight: ``proj_l.weight`` [D, D].
     """
