@@ -1,6 +1,6 @@
 """``calibrate``: run the dense model over denoising steps, measure SageSLA per layer, choose topk."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from sagesla.calibration import sampling
 from sagesla.calibration.choose import check_selection, choose
 from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
 from sagesla.profile import Profile
+from sagesla.settings import SLASettings
 
 
 def _is_patched(model: nn.Module) -> bool:
@@ -40,7 +41,7 @@ def calibrate(
     per_head: bool = False,
     buckets: int | Sequence[float] = 1,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
-    patch_options: Mapping[str, object] | None = None,
+    settings: SLASettings | None = None,
     progress: bool = True,
 ) -> Profile:
     """Calibrate a Wan transformer: per-layer topk within an error budget, measured on its own dense trajectory.
@@ -53,7 +54,7 @@ def calibrate(
     Args:
         model: a diffusers ``WanTransformer3DModel``. If it is patched already (``sagesla.patch``, e.g. with
             SLA-finetuned ``proj_l`` loaded), its SLA settings are calibrated; if not, it is patched with
-            ``patch_options`` for the run and unpatched afterwards.
+            ``settings`` for the run and unpatched afterwards.
         inputs: (latents [B, C, F, H, W] starting noise, text [B, T, text_dim] prompt embeddings) pairs; each batch
             row is one observation of every call.
         steps: denoising steps per input; record_steps: indices of the steps measured (default all).
@@ -62,13 +63,12 @@ def calibrate(
         buckets: timestep buckets with their own topk: an int N splits the recorded steps' timesteps into N groups
             of equal size, or give the ascending edges between buckets.
         candidates: topk values to evaluate (1.0 is always added).
-        patch_options: keyword arguments of ``sagesla.patch`` (quantized, backend, block_q, ...) when ``model`` is
-            not patched.
+        settings: the ``SLASettings`` to patch with when ``model`` is not patched (default: ``sagesla.patch``'s).
         progress: show a progress bar over attention calls.
     Returns:
         the ``Profile`` (``profile.save(path)`` writes it; ``sagesla.patch(model, profile=...)`` applies it).
     Example:
-        >>> from sagesla.testing import tiny_wan_transformer
+        >>> from sagesla.wan_shapes import tiny_wan_transformer
         >>> inputs = [(torch.randn(1, 16, 4, 32, 32), torch.randn(1, 8, 32))]
         >>> profile = calibrate(tiny_wan_transformer(), inputs, steps=4, budget=0.3)
     """
@@ -81,7 +81,7 @@ def calibrate(
         edges = tuple(float(edge) for edge in buckets)
     patch_here = not _is_patched(model)
     if patch_here:
-        sagesla.patch(model, topk=1.0, **(patch_options or {}))
+        sagesla.patch(model, topk=1.0, settings=settings)
     try:
         recording = Recording(model, candidates, edges, progress=progress)
         recording.total = len(inputs) * len(recorded) * len(recording.layers)

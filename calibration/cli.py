@@ -110,7 +110,7 @@ def model_config(source: str) -> dict:
     import json
 
     if source == "tiny":
-        from sagesla.testing import TINY_WAN_CONFIG
+        from sagesla.wan_shapes import TINY_WAN_CONFIG
 
         return dict(TINY_WAN_CONFIG)
     return json.loads((Path(arguments.diffusers_folder(source)) / "config.json").read_text())
@@ -119,7 +119,7 @@ def model_config(source: str) -> dict:
 def load_model(source: str, device: str, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     """The tiny test model (random weights from ``seed``) or a diffusers model from a local folder, in eval mode."""
     if source == "tiny":
-        from sagesla.testing import tiny_wan_transformer
+        from sagesla.wan_shapes import tiny_wan_transformer
 
         torch.manual_seed(seed)
         model = tiny_wan_transformer().to(device)
@@ -232,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate, print the summary table, write the profile (and the plot)."""
     import sagesla
     from sagesla.calibration import calibrate, plot_profile, summary
+    from sagesla.settings import SLASettings
 
     # Every argument and input before the model loads, every file the model must fit before the calibration.
     with arguments.reported_as("argument --model"):
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     with arguments.reported_as("argument --model"):
         model = load_model(args.model, device, dtype, args.seed)
     with arguments.reported_as("argument --backend"):
-        sagesla.patch(model, topk=1.0, quantized=not args.unquantized, backend=args.backend)
+        sagesla.patch(model, topk=1.0, settings=SLASettings(quantized=not args.unquantized, backend=args.backend))
     if args.sla_weights:
         with arguments.reported_as("argument --sla-weights"):
             print(sagesla.load_sla_weights(model, args.sla_weights))

@@ -14,12 +14,11 @@ import torch
 from torch import nn
 
 import sagesla
-from sagesla import backends, validation
-from sagesla.functional import resolve_block_sizes
+from sagesla import validation
 from sagesla.kernels.block_select_ref import num_selected_blocks
 from sagesla.patching.patch import components
 from sagesla.patching.timesteps import TimestepTracker
-from sagesla.profile import AttentionSettings, LayerSpec, Measurements
+from sagesla.profile import LayerSpec, Measurements
 
 DEFAULT_CANDIDATES = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 # Measured statistic -> (per-call value it reduces, reduction over observations).
@@ -78,18 +77,6 @@ def candidate_errors(
         "head_rel_l1": diff / ref_abs.clamp_min(_TINY),
         "head_cosine": dot / (out_sq * ref_sq).sqrt().clamp_min(_TINY),
     }
-
-
-def _block_k(sla: nn.Module, query: torch.Tensor) -> int:
-    return resolve_block_sizes(sla.quantized, query.device, sla.BLKQ, sla.BLKK)[1]
-
-
-def _settings(sla: nn.Module, device: torch.device) -> AttentionSettings:
-    block_q, block_k = resolve_block_sizes(sla.quantized, device, sla.BLKQ, sla.BLKK)
-    pv_precision = backends.default_pv_precision(device) if sla.pv_precision == "auto" else sla.pv_precision
-    return AttentionSettings(
-        sla.quantized, block_q, block_k, sla.linear_scope, sla.feature_map, sla.backend, pv_precision
-    )
 
 
 def environment(device: torch.device) -> dict[str, str | None]:
@@ -173,7 +160,7 @@ class Recording:
         progress: show a progress bar over calls (tqdm when installed).
     Attributes:
         layers: the fingerprint of the SLA layers measured (``LayerSpec`` each), in model order.
-        attention: their SLA settings (``AttentionSettings``).
+        attention: their SLA settings (``SLASettings`` resolved for the device).
         active: measure calls (True) or only run them dense (False).
     Example:
         >>> sagesla.patch(pipe, topk=1.0)
@@ -216,7 +203,7 @@ class Recording:
             for name, module in model.named_modules():
                 if isinstance(getattr(module, "processor", None), wan.SLAWanAttnProcessor):
                     found.append((wan.layer_spec(prefix + name, module), module.processor))
-                    settings.add(_settings(getattr(module, wan.SLA_ATTRIBUTE), self._device))
+                    settings.add(getattr(module, wan.SLA_ATTRIBUTE).settings.resolve(self._device))
         if not found:
             raise ValueError("`model_or_pipeline` has no SLA layer: sagesla.patch it first (any topk)")
         if len(settings) != 1 or len({layer.heads for layer, _ in found}) != 1:
@@ -250,7 +237,7 @@ class Recording:
         if bucket is None:
             raise RuntimeError("calibration with timestep buckets needs the model called with a `timestep`")
         length = query.shape[1]
-        key_blocks = -(-length // _block_k(sla, query))
+        key_blocks = -(-length // sla.settings.resolve(query.device).block_k)
         kept = [num_selected_blocks(topk, key_blocks) for topk in self.candidates]
         errors = candidate_errors(sla, query, key, value, dense, self.candidates, kept)
         self._stats[self._names[layer_name]].add(bucket, [1.0 - blocks / key_blocks for blocks in kept], errors)

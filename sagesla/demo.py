@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sagesla import backends, metrics
+from sagesla import metrics, ops
 from sagesla.functional import sparse_linear_attn
+from sagesla.settings import SLASettings
 from sagesla.synthetic import video_like_qkv
 from sagesla.tables import markdown_table
 
@@ -66,8 +67,7 @@ def run_attention_demo(
     ms = _median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats, dev)
     errors = metrics.rel_l1(dense_half, dense), metrics.cosine(dense_half, dense)
     rows = [DemoRow("dense (SDPA)", "torch", None, 0.0, *errors, ms)]
-    block_q, block_k = backends.default_block_sizes(dev)
-    backend = backends.resolve_backend("auto", q, block_q, block_k, True, "all", backends.default_pv_precision(dev))
+    backend = ops.resolve_backend(q, SLASettings().resolve(dev))
     for topk in topks:
 
         def call(topk=topk):

@@ -31,8 +31,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sagesla
 from sagesla import cli as arguments
-from sagesla.tables import markdown_table, run_header, write_report
-from sagesla.testing import WAN_SHAPES, build_wan, spawn_ranks, wan_step_inputs
+from sagesla import ops
+from sagesla.launch import spawn_ranks
+from sagesla.settings import SLASettings
+from sagesla.tables import gpu_tag, markdown_table, run_header, write_report
+from sagesla.wan_shapes import WAN_SHAPES, build_wan, wan_step_inputs
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Config:
     label: str
     topk: float | None = None  # None: dense (unless profile)
     profile: str | None = None  # a calibration profile file: per-layer (and per-bucket) topk
-    quantized: bool = True
+    attention: SLASettings = SLASettings()  # the SLA settings (the backend is the run's)
     cudnn: bool = False
     compiled: bool = False
 
@@ -79,15 +82,11 @@ def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend
     for a profile, the mean over its layers' (and buckets') topk."""
     heads, head_dim = shape.config["num_attention_heads"], shape.config["attention_head_dim"]
     q, k, v = (torch.randn(1, shape.tokens, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
+    settings = config.attention.replace(tensor_layout="NHD", backend=backend)
     if config.topk is None and config.profile is None:
         calls = [lambda: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))]
     else:
-        calls = [
-            lambda topk=topk: sagesla.sparse_linear_attn(
-                q, k, v, topk=topk, quantized=config.quantized, tensor_layout="NHD", backend=backend
-            )
-            for topk in _topks(config)
-        ]
+        calls = [lambda topk=topk: ops.attend(q, k, v, topk, settings) for topk in _topks(config)]
     with _dense_backend(config):
         for call in calls:
             call()
@@ -124,7 +123,7 @@ def configs(compile_: bool, cuda: bool, profile: str | None) -> list[Config]:
         SAGESLA,
         Config("SageSLA topk 0.1", topk=0.1),
         *([Config(f"SageSLA profile {pathlib.Path(profile).name}", profile=profile)] if profile else []),
-        Config("SLA unquantized topk 0.05", topk=0.05, quantized=False),
+        Config("SLA unquantized topk 0.05", topk=0.05, attention=SLASettings(quantized=False)),
     ]
     # One compiled row (compiling the whole model takes minutes): eager vs compiled at the same settings.
     return eager + [Config("SageSLA topk 0.05, compiled", topk=0.05, compiled=True)] if compile_ else eager
@@ -140,7 +139,8 @@ def _prepare(model, config: Config, backend: str, cuda: bool) -> None:
     """Patch ``model`` for ``config`` (unpatched for dense) and, on CUDA, restart the peak-memory count."""
     sagesla.unpatch(model)
     if config.topk is not None or config.profile is not None:
-        sagesla.patch(model, topk=config.topk, profile=config.profile, quantized=config.quantized, backend=backend)
+        settings = config.attention.replace(backend=backend)
+        sagesla.patch(model, topk=config.topk, profile=config.profile, settings=settings)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -181,7 +181,7 @@ def report(results: list[Result], header: dict, out_dir: str, gpu: str, model: s
 
 
 def _stem(out_dir: str, gpu: str, model: str, suffix: str = "") -> pathlib.Path:
-    return pathlib.Path(out_dir) / f"{gpu.replace(' ', '-')}-e2e-{model}{suffix}"
+    return pathlib.Path(out_dir) / f"{gpu_tag(gpu)}-e2e-{model}{suffix}"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 
 def check_output_path(path: str | os.PathLike, *, folder: bool = False) -> Path:
     """Raise, naming ``path``, unless a file (or with ``folder``, a folder) can be written there; return it as a Path.
@@ -73,3 +76,9 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> None
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """``write_atomic`` of ``text`` (UTF-8)."""
     write_atomic(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write a safetensors file that appears complete or not at all, even across a crash (``write_atomic``: an
+    existing ``path`` is left as it was on any failure; mode 0666 less the umask)."""
+    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))

@@ -1,22 +1,12 @@
-"""Functional SLA / SageSLA: validation, layout, dtype and backend dispatch.
+"""Functional SLA / SageSLA: the keywords become one validated ``SLASettings``; ``ops.attend`` runs the call.
 
 Shapes: B batch, H heads, L tokens, D head dim; BQ / BK rows per query / key block; NK = ceil(L / BK).
 """
 
 import torch
 
-from sagesla import backends, ops, validation
-from sagesla.kernels.block_select_ref import num_selected_blocks
-
-SLA_BLOCK_SIZES = (64, 64)
-
-
-def resolve_block_sizes(
-    quantized: bool, device: torch.device, block_q: int | None = None, block_k: int | None = None
-) -> tuple[int, int]:
-    """(BQ, BK) a call uses: the given sizes, else 64 x 64 unquantized and the per-device default quantized."""
-    default_q, default_k = backends.default_block_sizes(device) if quantized else SLA_BLOCK_SIZES
-    return (default_q if block_q is None else block_q, default_k if block_k is None else block_k)
+from sagesla import ops, validation
+from sagesla.settings import SLASettings
 
 
 def sparse_linear_attn(
@@ -81,46 +71,26 @@ def sparse_linear_attn(
         >>> q = k = v = torch.randn(1, 2, 256, 64)
         >>> o = sparse_linear_attn(q, k, v, topk=0.25, backend="torch")
     """
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
-        validation.check_qkv(q, k, v, tensor_layout)
-        topk = validation.check_topk(topk)
-        for name, value in (
-            ("quantized", quantized),
-            ("return_sparsity", return_sparsity),
-            ("check_inputs", check_inputs),
-        ):
-            validation.check_bool(name, value)
-        validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
-        validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
-        validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
-        validation.check_choice("backend", backend, validation.BACKENDS)
-        validation.check_sm_scale(sm_scale)
-        if compute_dtype is not None:
-            validation.check_choice("compute_dtype", compute_dtype, validation.COMPUTE_DTYPES)
-        validation.check_proj(proj_weight, proj_bias, q.shape[-1], q.device)
-    # The quantized kernels record no autograd graph, and differentiating the reference through its INT8/FP8
-    # rounding gives gradients of the wrong function: SageSLA refuses, on every backend, before any work.
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
+    settings = SLASettings(
+        quantized=quantized,
+        feature_map=feature_map,
+        linear_scope=linear_scope,
+        block_q=block_q,
+        block_k=block_k,
+        sm_scale=sm_scale,
+        tensor_layout=tensor_layout,
+        compute_dtype=compute_dtype,
+        pv_precision=pv_precision,
+        backend=backend,
     )
-    if needs_grad and quantized:
-        validation.refuse_gradients(q, k, v, proj_weight, proj_bias)
-    length, head_dim = q.shape[2 if tensor_layout == "HND" else 1], q.shape[-1]
-    block_q, block_k = resolve_block_sizes(quantized, q.device, block_q, block_k)
-    if not compiling:
-        validation.check_block_sizes(block_q=block_q, block_k=block_k)
-        if check_inputs:
-            validation.check_finite(q, k, v)
-    if compute_dtype is None:
-        compute_dtype = q.dtype if q.dtype in validation.COMPUTE_DTYPES else torch.bfloat16
-    num_key_blocks = -(-length // block_k)
-    sparsity = 1.0 - num_selected_blocks(topk, num_key_blocks) / num_key_blocks if length else 0.0
-    if pv_precision == "auto":
-        pv_precision = backends.default_pv_precision(q.device)
-    args = (q, k, v, proj_weight, proj_bias, topk, quantized, feature_map, linear_scope, block_q, block_k)
-    args += (head_dim**-0.5 if sm_scale is None else float(sm_scale), tensor_layout, compute_dtype, pv_precision)
-    # The inference op has no autograd formula: calls that need gradients take the trainable path.
-    op = ops.train_sla if needs_grad else ops.sparse_linear_attn_op
-    out = op(*args, backend)
-    return (out, sparsity) if return_sparsity else out
+    return ops.attend(
+        q,
+        k,
+        v,
+        validation.check_topk(topk),
+        settings,
+        proj_weight,
+        proj_bias,
+        return_sparsity=return_sparsity,
+        check_inputs=check_inputs,
+    )

@@ -7,8 +7,13 @@ module computes exactly the sparse attention). TurboDiffusion's SLA checkpoints 
 import torch
 from torch import nn
 
-from sagesla import validation
-from sagesla.functional import sparse_linear_attn
+from sagesla import ops, validation
+from sagesla.settings import SLASettings
+
+
+def _setting(field: str, doc: str) -> property:
+    """A read-only view of one field of the module's ``settings`` under its thu-ml name."""
+    return property(lambda self: getattr(self.settings, field), doc=doc)
 
 
 class _SLABase(nn.Module):
@@ -29,31 +34,43 @@ class _SLABase(nn.Module):
         backend: str,
         pv_precision: str,
     ):
+        validation.check_block_sizes(BLKQ=BLKQ, BLKK=BLKK)
+        validation.check_bool("use_bf16", use_bf16)
+        settings = SLASettings(
+            quantized=self.quantized,
+            feature_map=feature_map,
+            linear_scope=linear_scope,
+            block_q=BLKQ,
+            block_k=BLKK,
+            tensor_layout=tensor_layout,
+            compute_dtype=torch.bfloat16 if use_bf16 else torch.float16,
+            pv_precision=pv_precision,
+            backend=backend,
+        )
+        self._build(head_dim, topk, settings, tie_feature_map_qk)
+
+    def _build(self, head_dim: int, topk: float, settings: SLASettings, tie_feature_map_qk: bool = True) -> None:
         super().__init__()
         validation.check_positive("head_dim", head_dim)
         self.topk = validation.check_topk(topk)
-        validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
-        validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
-        validation.check_choice("tensor_layout", tensor_layout, validation.TENSOR_LAYOUTS)
-        validation.check_choice("backend", backend, validation.BACKENDS)
-        validation.check_choice("pv_precision", pv_precision, validation.PV_PRECISIONS)
-        validation.check_block_sizes(BLKQ=BLKQ, BLKK=BLKK)
-        validation.check_bool("use_bf16", use_bf16)
         self.head_dim = head_dim
-        self.feature_map = feature_map
-        self.BLKQ, self.BLKK = BLKQ, BLKK
-        self.dtype = torch.bfloat16 if use_bf16 else torch.float16
+        self.settings = settings
         # The feature maps hold no parameters, so q and k share one whatever this flag says.
         self.tie_feature_map_qk = tie_feature_map_qk
-        self.linear_scope = linear_scope
-        self.tensor_layout = tensor_layout
-        self.backend = backend
-        self.pv_precision = pv_precision
         self.proj_l = nn.Linear(head_dim, head_dim, dtype=torch.float32)
         # SageSLA records no gradients (``sparse_linear_attn`` refuses inputs that need them), so its weights are
         # frozen: a module built and called outside ``torch.no_grad()`` still runs.
         self.proj_l.requires_grad_(not self.quantized)
         self.init_weights_()
+
+    feature_map = _setting("feature_map", "phi of the linear branch.")
+    BLKQ = _setting("block_q", "Query block rows (None: per device).")
+    BLKK = _setting("block_k", "Key block rows (None: per device).")
+    dtype = _setting("compute_dtype", "The compute dtype (bf16 or fp16).")
+    linear_scope = _setting("linear_scope", '"all" or "complement".')
+    tensor_layout = _setting("tensor_layout", '"HND" or "NHD".')
+    backend = _setting("backend", '"auto", "torch" or "triton".')
+    pv_precision = _setting("pv_precision", '"auto", "fp8" or "half".')
 
     def init_weights_(self) -> None:
         """Zero ``proj_l``: the module then computes exactly the block-sparse attention."""
@@ -78,22 +95,14 @@ class _SLABase(nn.Module):
         """
         if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and q.shape[-1:] != (self.head_dim,):
             raise ValueError(f"`q` must have head_dim {self.head_dim} in its last dim, got shape {tuple(q.shape)}")
-        return sparse_linear_attn(
+        return ops.attend(
             q,
             k,
             v,
-            topk=self.topk if topk is None else topk,
-            quantized=self.quantized,
-            proj_weight=self.proj_l.weight,
-            proj_bias=self.proj_l.bias,
-            feature_map=self.feature_map,
-            linear_scope=self.linear_scope,
-            block_q=self.BLKQ,
-            block_k=self.BLKK,
-            tensor_layout=self.tensor_layout,
-            compute_dtype=self.dtype,
-            pv_precision=self.pv_precision,
-            backend=self.backend,
+            validation.check_topk(self.topk if topk is None else topk),
+            self.settings,
+            self.proj_l.weight,
+            self.proj_l.bias,
             return_sparsity=return_sparsity,
         )
 
@@ -190,3 +199,18 @@ class SageSparseLinearAttention(_SLABase):
             backend=backend,
             pv_precision=pv_precision,
         )
+
+
+def sla_module(head_dim: int, topk: float, settings: SLASettings) -> SparseLinearAttention | SageSparseLinearAttention:
+    """The module for ``settings``: ``SageSparseLinearAttention`` when quantized, else ``SparseLinearAttention``.
+
+    Args: head_dim D; topk in (0, 1]; settings (a None ``compute_dtype`` becomes bf16, as the constructors' default).
+    """
+    if not isinstance(settings, SLASettings):
+        raise TypeError(f"`settings` must be a sagesla.SLASettings, got {type(settings).__name__}")
+    if settings.compute_dtype is None:
+        settings = settings.replace(compute_dtype=torch.bfloat16)
+    module_class = SageSparseLinearAttention if settings.quantized else SparseLinearAttention
+    module = module_class.__new__(module_class)
+    module._build(head_dim, topk, settings)
+    return module

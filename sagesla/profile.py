@@ -27,9 +27,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sagesla import validation
+from sagesla.files import save_file_atomic
+from sagesla.settings import SLASettings
 
 FORMAT = "sagesla.profile"
-# Version 1's checksum covered the tensors only, so nothing vouches for its header: it is refused (recalibrate).
+# A version-1 file's checksum covers the tensors only, so nothing vouches for its header: it is refused
+# (recalibrate).
 SCHEMA_VERSION = 2
 METRICS = ("rel_l1", "cosine")
 # The file's metadata keys, and the JSON header's fields (``Profile._header``), all required and nothing else.
@@ -128,30 +131,21 @@ def _check_json(name: str, value: object, depth: int) -> None:
         raise ProfileError(f"`{name}` must be JSON data (str, int, float, bool, None, list, dict), got {_got(value)}")
 
 
-@dataclass(frozen=True)
-class AttentionSettings:
-    """The SLA settings the candidates ran with (``block_q`` / ``block_k`` resolved for the device).
+# The SLA settings a profile records, resolved for the device the candidates ran on. ``sagesla.patch`` must use the
+# same quantization, blocks, linear scope and feature map (CHECKED_SETTINGS): they change what a topk computes;
+# ``backend`` and ``pv_precision`` are recorded for the reader.
+RECORDED_SETTINGS = ("quantized", "block_q", "block_k", "linear_scope", "feature_map", "backend", "pv_precision")
 
-    ``sagesla.patch`` must use the same quantization, blocks, linear scope and feature map: they change what a topk
-    computes. ``backend`` and ``pv_precision`` are recorded for the reader.
-    """
 
-    quantized: bool
-    block_q: int
-    block_k: int
-    linear_scope: str
-    feature_map: str
-    backend: str
-    pv_precision: str
-
-    def __post_init__(self) -> None:
-        _check_bool("attention.quantized", self.quantized)
-        _check_int("attention.block_q", self.block_q, 1, MAX_BLOCK_SIZE)
-        _check_int("attention.block_k", self.block_k, 1, MAX_BLOCK_SIZE)
-        _check_choice("attention.linear_scope", self.linear_scope, validation.LINEAR_SCOPES)
-        _check_choice("attention.feature_map", self.feature_map, validation.FEATURE_MAPS)
-        _check_choice("attention.backend", self.backend, validation.BACKENDS)
-        _check_choice("attention.pv_precision", self.pv_precision, validation.PV_PRECISIONS)
+def _check_settings(values: Mapping[str, object]) -> None:
+    """The recorded settings, by the names the header gives them (``attention.<field>``)."""
+    _check_bool("attention.quantized", values["quantized"])
+    _check_int("attention.block_q", values["block_q"], 1, MAX_BLOCK_SIZE)
+    _check_int("attention.block_k", values["block_k"], 1, MAX_BLOCK_SIZE)
+    _check_choice("attention.linear_scope", values["linear_scope"], validation.LINEAR_SCOPES)
+    _check_choice("attention.feature_map", values["feature_map"], validation.FEATURE_MAPS)
+    _check_choice("attention.backend", values["backend"], validation.BACKENDS)
+    _check_choice("attention.pv_precision", values["pv_precision"], validation.PV_PRECISIONS)
 
 
 # The settings patch checks against a profile.
@@ -192,7 +186,7 @@ class Measurements:
     Attributes:
         model_class: class name of the calibrated model (or pipeline).
         layers: the fingerprint, one ``LayerSpec`` per self-attention layer (NL); every layer has H heads.
-        attention: the SLA settings of the candidates.
+        attention: the SLA settings of the candidates (``RECORDED_SETTINGS`` resolved for their device).
         candidates: NC topk values, strictly ascending in (0, 1].
         bucket_edges: NB - 1 ascending timestep edges; bucket i holds timesteps t with
             ``edges[i-1] <= t < edges[i]`` (bucket 0: below the first edge).
@@ -206,7 +200,7 @@ class Measurements:
 
     model_class: str
     layers: tuple[LayerSpec, ...]
-    attention: AttentionSettings
+    attention: SLASettings
     candidates: tuple[float, ...]
     bucket_edges: tuple[float, ...]
     calls: torch.Tensor
@@ -227,8 +221,12 @@ class Measurements:
                 f"`model_class` must be a class name (a Python identifier), got {_got(self.model_class)}"
             )
         _check_layers(self.layers)
-        if not isinstance(self.attention, AttentionSettings):
-            raise ProfileError(f"`attention` must be an AttentionSettings, got {_got(self.attention)}")
+        if not isinstance(self.attention, SLASettings):
+            raise ProfileError(f"`attention` must be an SLASettings, got {_got(self.attention)}")
+        recorded = {name: getattr(self.attention, name) for name in RECORDED_SETTINGS}
+        _check_settings(recorded)
+        # Only what a profile records: a round trip through a file gives an equal object.
+        object.__setattr__(self, "attention", SLASettings(**recorded))
         _check_ascending("candidates", self.candidates, "in (0, 1]", lambda c: 0 < c <= 1)
         if not self.candidates:
             raise ProfileError("`candidates` must not be empty")
@@ -375,7 +373,6 @@ class Profile:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the profile to ``path`` (safetensors), atomically: complete or not at all."""
-        from sagesla.patching.checkpoints import save_file_atomic
 
         tensors = self._tensors()
         header = json.dumps(self._header(), allow_nan=False)
@@ -397,7 +394,7 @@ class Profile:
         return {
             "model_class": m.model_class,
             "layers": [list(layer) for layer in m.layers],
-            "attention": asdict(m.attention),
+            "attention": {name: getattr(m.attention, name) for name in RECORDED_SETTINGS},
             "candidates": list(m.candidates),
             "bucket_edges": list(m.bucket_edges),
             "selection": asdict(self.selection),
@@ -511,12 +508,13 @@ def _build(header: object, tensors: dict[str, torch.Tensor]) -> Profile:
         if not isinstance(entry, list) or len(entry) != len(LayerSpec._fields):
             raise ProfileError(f"`layers[{i}]` must be an array [name, heads, head_dim], got {_got(entry)}")
         layers.append(LayerSpec(*entry))
-    attention = _fields("attention", header["attention"], [item.name for item in fields(AttentionSettings)])
+    attention = _fields("attention", header["attention"], RECORDED_SETTINGS)
+    _check_settings(attention)
     selection = _fields("selection", header["selection"], [item.name for item in fields(Selection)])
     measurements = Measurements(
         model_class=header["model_class"],
         layers=tuple(layers),
-        attention=AttentionSettings(**attention),
+        attention=SLASettings(**attention),
         candidates=_array("candidates", header["candidates"]),
         bucket_edges=_array("bucket_edges", header["bucket_edges"]),
         info=header["info"],
@@ -568,7 +566,7 @@ def load_profile(path: str | os.PathLike) -> Profile:
     Raises:
         FileNotFoundError: no file at ``path``.
         ProfileError: (naming the file, and the field where one is at fault) not a safetensors file, truncated,
-            not a profile, another schema version (version 1 included: its checksum did not cover the header), a
+            not a profile, another schema version (version 1 included: its checksum does not cover the header), a
             metadata key missing or unexpected, a checksum mismatch (corrupted, or edited by hand), a header that is
             not strict JSON (NaN, Infinity, a key twice) or nests too deeply, a header field missing, unexpected,
             of the wrong type or out of range, or a tensor missing, unexpected or of the wrong dtype / shape /

@@ -4,6 +4,7 @@ import datetime
 import json
 import os
 import pathlib
+import re
 import subprocess
 from collections.abc import Sequence
 
@@ -17,6 +18,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+# A data-centre card's model in a CUDA device name: "H100" in "NVIDIA H100 80GB HBM3", "A100" in
+# "NVIDIA A100-SXM4-80GB", "L40S", "GH200". Consumer names ("NVIDIA GeForce RTX 4090") have none and are kept whole.
+_CARD_MODEL = re.compile(r"(?<![A-Za-z0-9])(G?[ABHLT][0-9]{1,4}[A-Z]?)(?![A-Za-z0-9])")
+
+
+def gpu_tag(device_name: str) -> str:
+    """The short card name that starts a result file's name (``<tag>-attention.json``).
+
+    ``"NVIDIA H100 80GB HBM3"`` -> ``"H100"``, ``"NVIDIA H200"`` -> ``"H200"``; a name without a data-centre model
+    number is kept with every run of characters other than letters, digits, ``.`` and ``_`` replaced by ``-``
+    (``"NVIDIA GeForce RTX 4090"`` -> ``"NVIDIA-GeForce-RTX-4090"``, ``"CPU"`` -> ``"CPU"``).
+    """
+    match = _CARD_MODEL.search(device_name)
+    if match:
+        return match.group(1)
+    return re.sub(r"[^A-Za-z0-9._]+", "-", device_name).strip("-") or "unknown"
 
 
 def run_header(device_name: str, **extra: object) -> dict[str, object]:

@@ -27,26 +27,19 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sagesla import metrics, sparse_linear_attn
-from sagesla.backends import default_pv_precision
 from sagesla.kernels.block_select import select_blocks
-from sagesla.kernels.linear_attn import linear_attn_bwd_q, linear_state
+from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.kv_stats import KV_PROGRAMS, KV_STAGES, KV_WARPS, inference_stats, kv_stats
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
-from sagesla.kernels.quant import (
-    KV_PROGRAMS,
-    KV_STAGES,
-    KV_WARPS,
-    inference_stats,
-    kv_stats,
-    quant_qk,
-    quant_v_fp8_scaled,
-)
-from sagesla.kernels.quant_ref import LOG2E
+from sagesla.kernels.linear_attn_train import linear_attn_bwd_q, linear_state
+from sagesla.kernels.quant import quant_qk, quant_v_fp8_scaled
 from sagesla.kernels.sla import sla_forward
 from sagesla.kernels.sla_train import sla_train_forward
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
 from sagesla.kernels.sparse_attn_ref import sparse_attn_ref
 from sagesla.kernels.sparse_attn_train import key_block_queries, sparse_attn_train_bwd, sparse_attn_train_fwd
-from sagesla.tables import markdown_table, run_header, write_report
+from sagesla.settings import SLASettings
+from sagesla.tables import gpu_tag, markdown_table, run_header, write_report
 from sagesla.testing import sla_dense_reference
 from sagesla.validation import PV_PRECISIONS
 
@@ -133,8 +126,7 @@ def ours(q, k, v, topk, pv, proj, out, blocks=(64, 128)):
 def accuracy(h, d, topk, pv, blocks) -> tuple[float, float]:
     """rel-L1 and cosine of ours vs float32 dense masked to our selection (+ the linear branch), L=8192."""
     q, k, v = inputs(1, h, 8192, d, seed=1)
-    # proj_l from a seeded RNG too: drawn from whatever state the timings left, it moved rel-L1 between runs
-    # (0.0360 / 0.0366 at 1.3B, topk 0.05, same code)
+    # proj_l from a seeded RNG too, so rel-L1 does not depend on the RNG state the timings leave behind
     torch.manual_seed(2)
     w = torch.randn(d, d, device="cuda") * 0.02
     bias = torch.randn(d, device="cuda") * 0.02
@@ -411,7 +403,7 @@ def pv_auto_line(summary: dict) -> str:
     counts = ", ".join(f"{pv} at {n}" for pv, n in summary["faster"].items())
     errors = ", ".join(f"{pv} {lo:.4f}-{hi:.4f}" for pv, (lo, hi) in summary["rel_l1"].items())
     agrees = summary["faster"][summary["auto"]] == summary["points"]
-    verdict = "agrees with every point" if agrees else "does NOT agree with every point: revisit default_pv_precision"
+    verdict = "agrees with every point" if agrees else "does NOT agree with every point: revisit SLASettings.resolve"
     return (
         f"P.V precision: pv_precision='auto' takes {summary['auto']} on this GPU; lower total in this run: {counts} "
         f"of {summary['points']} shape/topk points ({verdict}); rel-L1 at L=8192: {errors or 'not measured'}."
@@ -585,7 +577,7 @@ def main() -> None:
         for s in train_stage_rows
         if any(k.endswith(TRAIN_SWEEP_KEYS) for k in s)
     ]
-    pv_auto = pv_auto_summary(stage_rows, rows, default_pv_precision(torch.device("cuda")))
+    pv_auto = pv_auto_summary(stage_rows, rows, SLASettings().resolve(torch.device("cuda")).pv_precision)
     notes = [pv_auto_line(pv_auto)] if pv_auto["points"] else []
     peers = {
         "sageattention": sage,
@@ -602,7 +594,7 @@ def main() -> None:
     print("\n".join([*notes, *sweeps]))
     payload = {"rows": [asdict(r) for r in rows], "stages": stage_rows, "train_stages": train_stage_rows}
     write_report(
-        pathlib.Path(args.out_dir) / f"{gpu.replace(' ', '-')}-attention",
+        pathlib.Path(args.out_dir) / f"{gpu_tag(gpu)}-attention",
         header,
         {**payload, "pv_auto": pv_auto} if pv_auto["points"] else payload,
         "\n\n".join((table, stage_table, *notes, train_stage_table, *sweeps)),

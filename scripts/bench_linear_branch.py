@@ -22,7 +22,7 @@ import torch
 import triton
 
 import sagesla
-from sagesla.tables import markdown_table, run_header, write_report
+from sagesla.tables import gpu_tag, markdown_table, run_header, write_report
 
 SHAPES = [(1, 12, 32760, 128, "Wan2.1-1.3B 480p"), (1, 40, 75600, 128, "Wan2.1-14B 720p")]
 SMOKE_SHAPES = [(1, 2, 256, 64, "smoke")]
@@ -132,7 +132,7 @@ def main() -> None:
         columns += ["other_eager_ms", "other_graph_ms", "eager_ratio"]
     table = markdown_table(columns, [[_cell(row[column]) for column in columns] for row in rows])
     print(table)
-    name = header["gpu"].replace(" ", "-") + "-linear-branch" + (f"-{args.label}" if args.label else "")
+    name = gpu_tag(header["gpu"]) + "-linear-branch" + (f"-{args.label}" if args.label else "")
     write_report(
         pathlib.Path(args.out_dir) / name, header, {"topk": TOPK, "train_topks": TRAIN_TOPKS, "rows": rows}, table
     )

@@ -30,8 +30,8 @@ from sagesla.calibration.sampling import DEFAULT_SHIFT
 from sagesla.embedded import finetuned
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.training import Batches, distillation_loss, fit, flow_matching_loss
-from sagesla.functional import SLA_BLOCK_SIZES
 from sagesla.patching.checkpoints import sla_parameters
+from sagesla.settings import SLA_BLOCK_SIZES
 
 
 def parse_args() -> argparse.Namespace:

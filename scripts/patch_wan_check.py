@@ -19,7 +19,7 @@ import torch
 import sagesla
 from sagesla import metrics
 from sagesla.patching.wan import SLAWanAttnProcessor
-from sagesla.testing import WAN_SHAPES, WanShape, build_wan, wan_step_inputs
+from sagesla.wan_shapes import WAN_SHAPES, WanShape, build_wan, wan_step_inputs
 
 
 def step_ms(model: torch.nn.Module, inputs: tuple, repeats: int) -> tuple[torch.Tensor, float]:

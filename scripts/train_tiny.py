@@ -23,7 +23,7 @@ import torch
 from sagesla.calibration.sampling import DEFAULT_SHIFT
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, build, config_of, load, weights_tensors
 from sagesla.embedded.training import Batches, fit, flow_matching_loss
-from sagesla.patching.checkpoints import save_file_atomic
+from sagesla.files import save_file_atomic
 
 
 def _steps_of(path: str) -> int:

@@ -74,7 +74,7 @@ def gpu_nan_semantics(monkeypatch: pytest.MonkeyPatch) -> None:
 def tiny_wan() -> torch.nn.Module:
     """A freshly built tiny diffusers ``WanTransformer3DModel`` (skips without diffusers)."""
     pytest.importorskip("diffusers")
-    from sagesla.testing import tiny_wan_transformer
+    from sagesla.wan_shapes import tiny_wan_transformer
 
     return tiny_wan_transformer()
 

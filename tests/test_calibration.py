@@ -14,13 +14,14 @@ from safetensors.torch import save_file
 
 import sagesla
 from sagesla import metrics
-from sagesla.profile import AttentionSettings, LayerSpec, Measurements, Profile, ProfileError, load_profile
+from sagesla.profile import RECORDED_SETTINGS, LayerSpec, Measurements, Profile, ProfileError, load_profile
+from sagesla.settings import SLASettings
 
 pytest.importorskip("diffusers")
 
+from sagesla import files
 from sagesla.calibration import Recording, calibrate, choose, plot_profile, sampling, summary  # noqa: E402
-from sagesla.patching import checkpoints  # noqa: E402
-from sagesla.testing import run_wan, tiny_wan_transformer  # noqa: E402
+from sagesla.wan_shapes import run_wan, tiny_wan_transformer  # noqa: E402
 
 # The tiny model's attention is diffuse (random weights), so SageSLA's rel-L1 at the grid's topk spans about
 # 0.2 (topk 0.5) to 0.8 (1 of 16 key blocks): a budget of 0.4 lands mid-grid.
@@ -31,7 +32,7 @@ HELD_OUT_SLACK = 1.1
 STEPS = 3
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 CANDIDATES = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
-TINY_SETTINGS = AttentionSettings(True, 128, 64, "all", "softmax", "auto", "fp8")
+TINY_SETTINGS = SLASettings(quantized=True, block_q=128, block_k=64, backend="auto", pv_precision="fp8")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -333,7 +334,7 @@ def test_profile_round_trips_exactly(calibrated, tmp_path):
     assert_same_profile(calibrated, loaded)
     header = json.loads(safe_open(path, "pt").metadata()["profile"])
     assert header["layers"] == [[name, 2, 64] for name in LAYERS]
-    assert header["attention"] == dataclasses.asdict(TINY_SETTINGS)
+    assert header["attention"] == {name: getattr(TINY_SETTINGS, name) for name in RECORDED_SETTINGS}
     assert header["selection"] == {"metric": "rel_l1", "budget": BUDGET, "per_head": False, "target_sparsity": None}
     assert set(header["info"]["environment"]) == {"sagesla", "torch", "triton", "device"}
     assert header["info"]["steps"] == STEPS and header["info"]["inputs"] == 2
@@ -447,14 +448,14 @@ def test_interrupted_write_leaves_no_file_and_keeps_the_old_one(calibrated, tmp_
             handle.write(b"half a header")
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "save_file", fail_midway)
+    monkeypatch.setattr(files, "save_file", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         calibrated.save(path)
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
     calibrated.save(path)
     before = path.read_bytes()
-    monkeypatch.setattr(checkpoints, "save_file", fail_midway)
+    monkeypatch.setattr(files, "save_file", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         with_topk(calibrated, [[1.0], [1.0]]).save(path)
     assert os.listdir(tmp_path) == [path.name] and path.read_bytes() == before
@@ -477,7 +478,7 @@ def test_patch_with_a_profile_path_sets_each_layers_topk(calibrated, tmp_path):
 def test_patch_with_a_profile_that_does_not_fit_lists_every_mismatch(calibrated):
     from diffusers import WanTransformer3DModel
 
-    from sagesla.testing import TINY_WAN_CONFIG
+    from sagesla.wan_shapes import TINY_WAN_CONFIG
 
     config = {**TINY_WAN_CONFIG, "num_layers": 3, "num_attention_heads": 4, "attention_head_dim": 32}
     model = WanTransformer3DModel(**config)

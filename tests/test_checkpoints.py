@@ -9,8 +9,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sagesla
+from sagesla import files
 from sagesla.patching import checkpoints
-from sagesla.testing import assert_close, run_wan, wan_inputs
+from sagesla.testing import assert_close
+from sagesla.wan_shapes import run_wan, wan_inputs
 
 KEYS = [f"blocks.{i}.attn1.sla.proj_l.{p}" for i in range(2) for p in ("weight", "bias")]
 # Two instances of one patched model agree to 2e-7 to 2.4e-6 rel-L1 on CPU (seeds 0-2; the first difference is in
@@ -75,7 +77,7 @@ def test_save_overwrites_atomically_and_cleans_up_on_failure(tmp_path, monkeypat
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoints, "save_file", fail)
+    monkeypatch.setattr(files, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         sagesla.save_sla_weights(model, path)
     assert path.read_bytes() == before
@@ -184,7 +186,7 @@ def test_a_pickle_posing_as_a_profile_is_refused_without_running(tmp_path):
     """Profiles load through safetensors only: a torch.save payload named like a profile is an unreadable file."""
     pytest.importorskip("diffusers")
     from sagesla.profile import ProfileError, load_profile
-    from sagesla.testing import tiny_wan_transformer
+    from sagesla.wan_shapes import tiny_wan_transformer
 
     path, marker = tmp_path / "evil.profile.safetensors", tmp_path / "payload-ran"
     torch.save({"payload": _Evil(marker)}, path)

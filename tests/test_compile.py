@@ -5,7 +5,7 @@ import torch
 
 import sagesla
 from sagesla import metrics, ops
-from sagesla.testing import run_wan, tiny_wan_transformer, wan_inputs
+from sagesla.wan_shapes import run_wan, tiny_wan_transformer, wan_inputs
 
 CPU_OK = {"backend": "torch"}
 

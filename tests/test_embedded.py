@@ -349,7 +349,8 @@ def test_shipped_weights_load_and_the_shipped_finetune_fits_them():
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="the embedded weights are not in this checkout")
 def test_shipped_model_moves_shapes_the_prompted_way(capsys):
     """The shipped samples follow the prompt's direction: every 3rd prompt (all four directions), 10 steps, no
-    guidance. Measured: 7 of 11 on CPU, 23 of 32 prompts on the H100; the 3000-step model before passed 4 of 32."""
+    guidance. Measured: 7 of 11 on CPU, 23 of 32 prompts on the H100 (benchmarks/experiments.md, "Embedded video
+    model")."""
     pytest.importorskip("diffusers")
     with pytest.raises(SystemExit) as exit_:
         run_script("check_tiny_motion.py", "--every", "3", "--min-pass", "0.5")

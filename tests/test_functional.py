@@ -140,7 +140,7 @@ def _grads(fn, inputs, grad):
     return out.detach(), [x.grad for x in leaves]
 
 
-# bf16 compute against float64 with the same selection: the foundation's forward bound (measured 2.6e-3), and for
+# bf16 compute against float64 with the same selection: the forward within BOUND_SLA (measured 2.6e-3), and for
 # gradients the measured rel-L1 (dq 4.1e-3, dk 4.0e-3, dv 3.2e-3, dW 2.1e-3, db 1.2e-7) with a margin.
 TOL_GRAD_BF16 = 1.5e-2
 

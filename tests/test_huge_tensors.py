@@ -10,10 +10,10 @@ be written everywhere.
 import pytest
 import torch
 
-from sagesla.functional import resolve_block_sizes
 from sagesla.kernels.linear_attn_ref import linear_attn_ref
 from sagesla.kernels.sla_train import sla_train
 from sagesla.kernels.sparse_attn_ref import sparse_attn_ref
+from sagesla.settings import SLASettings
 from sagesla.testing import TOL_KERNEL_FP8, TOL_PIPELINE_HALF, TOL_PIPELINE_SLA, assert_close, run_forward
 
 # Wan2.1-14B 720p (H40 L75600 D128) at batch 6: 2.32e9 elements per tensor.
@@ -27,8 +27,8 @@ SLICE_HEADS = 2
 def _huge_inputs(shape: tuple[int, ...], needs_bytes: int) -> tuple[torch.Tensor, ...]:
     """q, k, v (bf16) of ``shape``, proj_l weight and bias; skips when the GPU has less than ``needs_bytes`` free."""
     assert SHAPE[0] * SHAPE[1] * SHAPE[2] * SHAPE[3] > 2**31
-    # Blocks cached by the allocator for earlier tests count as used: on an 80 GB H100 they left 47.9 GiB "free"
-    # and skipped the training test, which fits once they are returned.
+    # Blocks the allocator caches for earlier tests in the run count as used: on an 80 GB H100 they can leave less
+    # than ``needs_bytes`` "free" and skip a test that fits once they are returned.
     torch.cuda.empty_cache()
     free = torch.cuda.mem_get_info()[0]
     if free < needs_bytes:
@@ -47,7 +47,7 @@ def _huge_inputs(shape: tuple[int, ...], needs_bytes: int) -> tuple[torch.Tensor
 def test_huge_tensor_slice_matches_reference(layout, quantized, pv):
     batch, heads, length, head_dim = SHAPE
     q, k, v, w, b = _huge_inputs(SHAPE if layout == "HND" else (batch, length, heads, head_dim), NEEDS_BYTES)
-    block_q, block_k = resolve_block_sizes(quantized, q.device)
+    block_q, block_k = SLASettings(quantized=quantized).default_block_sizes(q.device)
     options = {"topk": 0.05, "quantized": quantized, "pv_precision": pv, "block_q": block_q, "block_k": block_k}
     o, lut = run_forward("triton", q, k, v, tensor_layout=layout, proj_weight=w, proj_bias=b, **options)
     assert torch.isfinite(o).all(), "output rows left unwritten (NaN poison) or non-finite"
@@ -80,7 +80,7 @@ def test_huge_tensor_training_gradients_on_a_slice():
     non-zero dLoss/dout is there) against fp32 autograd of the references with the same selection."""
     q, k, v, w, b = _huge_inputs(SHAPE, NEEDS_BYTES_TRAIN)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    block_q, block_k = resolve_block_sizes(False, q.device)
+    block_q, block_k = SLASettings(quantized=False).default_block_sizes(q.device)
     scale = SHAPE[-1] ** -0.5
     o, lut = sla_train(
         q, k, v, topk=0.05, block_q=block_q, block_k=block_k, sm_scale=scale, feature_map="softmax",

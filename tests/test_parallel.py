@@ -4,17 +4,77 @@ The CPU tests run 2 processes of the gloo backend on the torch reference; the ``
 NCCL on the Triton kernels.
 """
 
+import dataclasses
+import pathlib
+
 import pytest
 import torch
 
 import sagesla
-from sagesla.testing import spawn_ranks, ulysses_vs_one_device
+from sagesla import metrics
+from sagesla.launch import spawn_ranks
+from sagesla.wan_shapes import WAN_SHAPES, build_wan, run_wan, wan_step_inputs
 
 pytest.importorskip("diffusers")
 
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig  # noqa: E402
 
 from sagesla.parallel import enable_ulysses  # noqa: E402
+
+
+@pytest.fixture
+def spawn(monkeypatch):
+    """``spawn_ranks`` with the repository root on ``sys.path``: pytest imports this file as ``tests.test_parallel``
+    without putting the root there, and each spawned rank imports that module to find ``ulysses_vs_one_device``."""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
+    return spawn_ranks
+
+
+def ulysses_vs_one_device(
+    shape_name: str,
+    num_layers: int,
+    topk: float,
+    quantized: bool,
+    backend: str,
+    dtype_name: str,
+    degree: int,
+    profile: str | None = None,
+) -> dict:
+    """On every rank: one patched Wan step on this rank's device alone, then under ``enable_ulysses(degree)``.
+
+    The SLA layers get random ``proj_l`` weights and per-layer topk ``topk, topk * 2, ...`` (capped at 1), or the
+    per-layer, per-timestep-bucket topk of the calibration profile file ``profile``, so the linear branch and
+    per-layer settings are exercised. Returns rel-L1 and max |diff| of the N-rank output against
+    the one-device output, both runs' per-layer sparsity and fallback reasons (rank 0's, for ``spawn_ranks``).
+    """
+    rank = torch.distributed.get_rank()
+    device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    shape = WAN_SHAPES[shape_name]
+    shape = dataclasses.replace(shape, config={**shape.config, "num_layers": num_layers})
+    torch.manual_seed(0)
+    model = build_wan(shape, device, dtype)
+    names = [f"blocks.{i}.attn1" for i in range(num_layers)]
+    layer_topk = profile or {n: min(1.0, topk * 2**i) for i, n in enumerate(names)}
+    sagesla.patch(model, profile=layer_topk, quantized=quantized, backend=backend)
+    for name in names:
+        torch.nn.init.normal_(model.get_submodule(name).sla.proj_l.weight, std=0.05)
+    inputs = wan_step_inputs(shape, device, dtype)
+    processors = [model.get_submodule(n).processor for n in names]
+
+    def step() -> tuple[torch.Tensor, list, list]:
+        out = run_wan(model, inputs)
+        return out, [p.last_sparsity for p in processors], [p.last_fallback for p in processors]
+
+    one, one_sparsity, one_fallbacks = step()
+    enable_ulysses(model, degree)
+    many, many_sparsity, many_fallbacks = step()
+    return {
+        "rel_l1": metrics.rel_l1(many, one),
+        "max_abs": float((many.double() - one.double()).abs().max()),
+        "sparsity": [one_sparsity, many_sparsity],
+        "fallbacks": [one_fallbacks, many_fallbacks],
+    }
 
 
 def _check_against_one_device(result: dict, tol: float) -> None:
@@ -25,31 +85,29 @@ def _check_against_one_device(result: dict, tol: float) -> None:
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_ulysses_on_two_cpu_ranks_matches_one_process(quantized):
+def test_ulysses_on_two_cpu_ranks_matches_one_process(spawn, quantized):
     # fp32 on the reference backend: rel-L1 1.3e-7 measured (GEMMs over S / 2 rows on each rank round differently).
-    result = spawn_ranks(ulysses_vs_one_device, 2, "tiny", 2, 0.25, quantized, "torch", "float32", 2)
+    result = spawn(ulysses_vs_one_device, 2, "tiny", 2, 0.25, quantized, "torch", "float32", 2)
     _check_against_one_device(result, 1e-5)
 
 
-def test_ulysses_follows_a_calibration_profile_with_timestep_buckets(tmp_path):
+def test_ulysses_follows_a_calibration_profile_with_timestep_buckets(spawn, tmp_path):
     from sagesla.calibration import calibrate
-    from sagesla.testing import tiny_wan_transformer
+    from sagesla.wan_shapes import tiny_wan_transformer
 
     inputs = [(torch.randn(1, 16, 4, 16, 16), torch.randn(1, 8, 32))]
     profile = calibrate(tiny_wan_transformer(), inputs, steps=4, budget=0.5, buckets=2, progress=False)
     assert profile.topk.shape == (2, 2) and float(profile.topk.max()) < 1  # 2 layers x 2 timestep buckets
     profile.save(tmp_path / "tiny.profile")
     args = ("tiny", 2, 0.25, True, "torch", "float32", 2, str(tmp_path / "tiny.profile"))
-    _check_against_one_device(spawn_ranks(ulysses_vs_one_device, 2, *args), 1e-5)
+    _check_against_one_device(spawn(ulysses_vs_one_device, 2, *args), 1e-5)
 
 
 @pytest.mark.gpu
 @pytest.mark.multigpu
-def test_ulysses_on_two_gpus_matches_one_gpu():
+def test_ulysses_on_two_gpus_matches_one_gpu(spawn):
     # Wan2.1-1.3B's heads and 32760 tokens, 2 of its 30 blocks, SageSLA on Triton in bf16.
-    result = spawn_ranks(
-        ulysses_vs_one_device, 2, "wan2.1-1.3b", 2, 0.05, True, "triton", "bfloat16", 2, backend="nccl"
-    )
+    result = spawn(ulysses_vs_one_device, 2, "wan2.1-1.3b", 2, 0.05, True, "triton", "bfloat16", 2, backend="nccl")
     _check_against_one_device(result, 1e-2)
 
 

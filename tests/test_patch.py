@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import sagesla
-from sagesla.testing import assert_close, run_wan, wan_inputs
+from sagesla.testing import assert_close
+from sagesla.wan_shapes import run_wan, wan_inputs
 
 pytest.importorskip("diffusers")
 
@@ -146,7 +147,7 @@ def test_dense_fallback_when_forced_triton_cannot_serve(tiny_wan, caplog, monkey
 def test_dense_fallback_for_head_dim_triton_cannot_serve(monkeypatch, caplog):
     from diffusers import WanTransformer3DModel
 
-    from sagesla.testing import TINY_WAN_CONFIG
+    from sagesla.wan_shapes import TINY_WAN_CONFIG
 
     # Under the interpreter CPU tensors are fine for Triton, so the head_dim limit is what stops it.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -220,7 +221,7 @@ def test_patch_twice_skips_patched_layers(tiny_wan):
 
 
 def test_pipeline_with_two_transformers(tiny_wan):
-    from sagesla.testing import tiny_wan_transformer
+    from sagesla.wan_shapes import tiny_wan_transformer
 
     pipe = types.SimpleNamespace(transformer=tiny_wan, transformer_2=tiny_wan_transformer(), vae=torch.nn.Linear(2, 2))
     inputs = wan_inputs()

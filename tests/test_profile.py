@@ -14,7 +14,6 @@ from torch import nn
 import sagesla
 from sagesla import profile as profile_module
 from sagesla.profile import (
-    AttentionSettings,
     LayerSpec,
     Measurements,
     Profile,
@@ -23,8 +22,9 @@ from sagesla.profile import (
     _digest,
     load_profile,
 )
+from sagesla.settings import SLASettings
 
-SETTINGS = AttentionSettings(True, 128, 64, "all", "softmax", "auto", "fp8")
+SETTINGS = SLASettings(quantized=True, block_q=128, block_k=64, backend="auto", pv_precision="fp8")
 CANDIDATES = (0.1, 0.5, 1.0)
 EDGES = (500.0,)
 INFO = {
@@ -35,7 +35,7 @@ INFO = {
 }
 
 
-def make_profile(heads: int = 2) -> Profile:
+def make_profile(heads: int = 2, attention: SLASettings = SETTINGS) -> Profile:
     """Two layers, two timestep buckets, three candidates, ``heads`` heads; seeded values."""
     layers, buckets, candidates = 2, len(EDGES) + 1, len(CANDIDATES)
     generator = torch.Generator().manual_seed(0)
@@ -44,7 +44,7 @@ def make_profile(heads: int = 2) -> Profile:
     measurements = Measurements(
         "WanTransformer3DModel",
         tuple(LayerSpec(f"blocks.{i}.attn1", heads, 64) for i in range(layers)),
-        SETTINGS,
+        attention,
         CANDIDATES,
         EDGES,
         calls=torch.full((layers, buckets), 3),
@@ -192,7 +192,7 @@ def test_edited_metadata_is_refused(saved, tmp_path, change):
 
 
 def test_schema_version_1_is_refused_with_the_reason(saved, tmp_path):
-    """Version 1's checksum covered the tensors only: nothing vouches for its header, so it is not read."""
+    """A version-1 file's checksum covers the tensors only: nothing vouches for its header, so it is not read."""
     old = tmp_path / "old.safetensors"
     meta, tensors = stored(saved)
     meta = {**meta, "schema_version": "1", "sha256": hashlib.sha256(b"").hexdigest()}
@@ -320,13 +320,13 @@ def test_header_json_is_parsed_strictly(saved, tmp_path, raw, message):
 @pytest.mark.parametrize(
     "build,message",
     [
-        (lambda: AttentionSettings(True, "64", 64, "all", "softmax", "auto", "fp8"), r"`attention.block_q` must be"),
-        (lambda: AttentionSettings(1, 64, 64, "all", "softmax", "auto", "fp8"), r"`attention.quantized` must be"),
+        (lambda: make_profile(attention=SLASettings()), r"`attention.block_q` must be an int in \[1, 1024\]"),
+        (lambda: make_profile(attention=SLASettings(block_q=64, block_k=2048)), r"`attention.block_k` must be"),
         (lambda: Selection("rel_l1", 1), r"`selection.budget` must be a finite float >= 0, got int 1"),
         (lambda: Selection("rel_l1", 0.1, per_head=None), r"`selection.per_head` must be a bool, got NoneType"),
         (lambda: LayerSpec("a", "2", 64), None),
     ],
-    ids=["block-str", "quantized-int", "budget-int", "per-head-none", "layer-spec"],
+    ids=["blocks-unresolved", "block-k-huge", "budget-int", "per-head-none", "layer-spec"],
 )
 def test_the_dataclasses_check_their_fields_when_built_in_code(build, message):
     if message is not None:

@@ -15,7 +15,7 @@ SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
     from sagesla.calibration import calibrate
-    from sagesla.testing import tiny_wan_transformer
+    from sagesla.wan_shapes import tiny_wan_transformer
 
     inputs = [(torch.randn(1, 16, 4, 16, 16), torch.randn(1, 8, 32))]
     calibrate(tiny_wan_transformer(), inputs, steps=2, budget=0.3, progress=False).save(tmp_path / "tiny.profile")
@@ -120,6 +120,7 @@ def test_bench_linear_branch_smoke_writes_results(tmp_path, monkeypatch):
     assert [row["case"] for row in rows] == [
         "SageSLA forward, proj_l trained",
         "SageSLA forward, proj_l zero",
-        "SLA forward+backward, scope complement",
+        "SLA forward+backward, scope complement, topk 0.05",
+        "SLA forward+backward, scope complement, topk 0.9",
     ]
     assert all(row["eager_ms"] > 0 and row["other_eager_ms"] > 0 and row["eager_ratio"] > 0 for row in rows)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sagesla
-from sagesla.testing import run_wan, tiny_wan_transformer, wan_inputs
+from sagesla.wan_shapes import run_wan, tiny_wan_transformer, wan_inputs
 
 # Under the interpreter on CPU, backend="triton" runs the Triton kernels.
 BACKENDS = ["torch", "triton"]

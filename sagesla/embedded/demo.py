@@ -30,7 +30,7 @@ from sagesla.embedded import finetuned
 from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.videos import from_latent
 from sagesla.files import check_output_path, write_text_atomic
-from sagesla.functional import SLA_BLOCK_SIZES
+from sagesla.settings import SLA_BLOCK_SIZES
 from sagesla.tables import markdown_table, run_header
 
 DEMO_PROMPTS = ("red circle moves right", "blue square moves up", "yellow circle moves left")

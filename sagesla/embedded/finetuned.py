@@ -20,7 +20,8 @@ from torch import nn
 
 from sagesla import validation
 from sagesla.embedded.model import config_of, weights_tensors
-from sagesla.patching.checkpoints import save_file_atomic, save_sla_weights, sla_parameters
+from sagesla.files import save_file_atomic
+from sagesla.patching.checkpoints import save_sla_weights, sla_parameters
 from sagesla.patching.wan import is_self_attention
 
 SLA_WEIGHTS = pathlib.Path(__file__).with_name("tiny-video-sla.safetensors")

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from torch import nn
 
 from sagesla import validation
-from sagesla.files import write_atomic
+from sagesla.files import save_file_atomic
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
 
 # The attribute of a patched layer holding its SLA module (so its keys read ``...attn1.sla.proj_l.weight``).
@@ -269,9 +269,3 @@ def save_sla_weights(model: nn.Module, path: str | os.PathLike, metadata: Mappin
     tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
     save_file_atomic(tensors, path, dict(extra) | METADATA | {CHECKSUM_KEY: _checksum(tensors)})
     return list(tensors)
-
-
-def save_file_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Write a safetensors file that appears complete or not at all, even across a crash (``files.write_atomic``:
-    an existing ``path`` is left as it was on any failure; mode 0666 less the umask)."""
-    write_atomic(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))

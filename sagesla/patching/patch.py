@@ -1,16 +1,19 @@
 """``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan models and pipelines."""
 
 import importlib.util
+import inspect
 import os
 from collections.abc import Mapping
 
+import torch
 from torch import nn
 
 from sagesla import validation
-from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention
+from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention, sla_module
 from sagesla.patching.report import PatchReport
 from sagesla.patching.timesteps import TimestepTracker
-from sagesla.profile import LayerSpec, Profile, load_profile
+from sagesla.profile import CHECKED_SETTINGS, LayerSpec, Profile, load_profile
+from sagesla.settings import SLASettings
 
 # Pipeline attributes holding transformers (Wan2.2 A14B has a high-noise and a low-noise expert).
 PIPELINE_COMPONENTS = ("transformer", "transformer_2")
@@ -52,7 +55,7 @@ def _set_processors(model: nn.Module, processors: dict[str, object]) -> None:
     model.set_attn_processor(everything)
 
 
-def _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite):
+def _check_arguments(topk, profile, check_finite) -> None:
     if (topk is None) == (profile is None):
         given = "both" if topk is not None else "neither"
         raise ValueError(
@@ -66,12 +69,7 @@ def _check_arguments(topk, profile, quantized, backend, linear_scope, feature_ma
             f"`profile` must be a mapping {{layer name: topk}}, got {type(profile).__name__}; or a "
             "sagesla.calibration Profile, or the path of a profile file"
         )
-    validation.check_bool("quantized", quantized)
     validation.check_bool("check_finite", check_finite)
-    validation.check_choice("backend", backend, validation.BACKENDS)
-    validation.check_choice("linear_scope", linear_scope, validation.LINEAR_SCOPES)
-    validation.check_choice("feature_map", feature_map, validation.FEATURE_MAPS)
-    validation.check_block_sizes(block_q=block_q, block_k=block_k)
 
 
 def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | None) -> dict[str, float]:
@@ -111,12 +109,15 @@ def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[La
     return targets, self_attention, skipped
 
 
-def _fit_profile(profile: Profile, model_class: str, layers: list[LayerSpec], settings: dict) -> tuple[list, dict]:
+def _fit_profile(
+    profile: Profile, model_class: str, layers: list[LayerSpec], settings: SLASettings
+) -> tuple[list, dict]:
     """Check ``profile`` against the model and patch settings; returns (report notes, {layer: topk per bucket}).
 
-    ``settings`` holds quantized, linear_scope, feature_map, and block_q / block_k where the caller gave them.
+    The blocks are checked where ``settings`` gives them (None takes the profile's).
     """
-    profile.check_fits(model_class, layers, settings)
+    checked = {name: getattr(settings, name) for name in CHECKED_SETTINGS}
+    profile.check_fits(model_class, layers, {name: value for name, value in checked.items() if value is not None})
     selection, attention = profile.selection, profile.measurements.attention
     short = int((~profile.met).sum())
     notes = [
@@ -147,6 +148,9 @@ def patch(
     feature_map: str = "softmax",
     block_q: int | None = None,
     block_k: int | None = None,
+    pv_precision: str = "auto",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    settings: SLASettings | None = None,
     check_finite: bool = False,
 ) -> PatchReport:
     """Replace the self-attention of a diffusers Wan model, or of each transformer of a pipeline, by SLA, in place.
@@ -173,6 +177,9 @@ def patch(
             reference on CPU), "torch" (the reference everywhere) or "triton" (dense where it cannot serve a call).
         linear_scope, feature_map: as in ``sparse_linear_attn``; the defaults match TurboDiffusion's checkpoints.
         block_q, block_k: BQ, BK; default as in ``sparse_linear_attn``.
+        pv_precision, compute_dtype: as in ``sparse_linear_attn`` (compute in bf16 by default, as the modules do).
+        settings: instead of the keywords from ``quantized`` to ``compute_dtype``, an ``SLASettings`` holding them
+            (its ``tensor_layout`` is ignored: the processor hands SLA [B, L, H, D] views).
         check_finite: run dense attention for calls whose q, k or v holds NaN/Inf (one device sync per call).
             Without it such a call gives NaN where dense attention would be non-finite, and possibly in more rows.
     Returns:
@@ -187,37 +194,44 @@ def patch(
     """
     if isinstance(profile, (str, os.PathLike)):
         profile = load_profile(profile)
-    _check_arguments(topk, profile, quantized, backend, linear_scope, feature_map, block_q, block_k, check_finite)
+    _check_arguments(topk, profile, check_finite)
+    keywords = {
+        "quantized": quantized,
+        "feature_map": feature_map,
+        "linear_scope": linear_scope,
+        "block_q": block_q,
+        "block_k": block_k,
+        "compute_dtype": compute_dtype,
+        "pv_precision": pv_precision,
+        "backend": backend,
+    }
+    if settings is None:
+        settings = SLASettings(**keywords, tensor_layout="NHD")
+    elif not isinstance(settings, SLASettings):
+        raise TypeError(f"`settings` must be a sagesla.SLASettings or None, got {type(settings).__name__}")
+    elif changed := [name for name, value in keywords.items() if value != _DEFAULTS[name]]:
+        raise ValueError(f"give `settings` or the keywords it holds, not both: got `settings` and {changed}")
+    else:
+        settings = settings.replace(tensor_layout="NHD", compute_dtype=settings.compute_dtype or torch.bfloat16)
     parts = components(model_or_pipeline)
     wan = _wan()
     targets, self_attention, skipped = _survey(parts, wan)
     notes, bucket_topk, timesteps = [], {}, None
     if isinstance(profile, Profile):
-        given = {"block_q": block_q, "block_k": block_k}
-        settings = {"quantized": quantized, "linear_scope": linear_scope, "feature_map": feature_map}
-        settings.update({key: value for key, value in given.items() if value is not None})
         notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings)
-        block_q, block_k = profile.measurements.attention.block_q, profile.measurements.attention.block_k
+        recorded = profile.measurements.attention
+        settings = settings.replace(block_q=recorded.block_q, block_k=recorded.block_k)
         if profile.bucket_edges:
             timesteps, bucket_topk = TimestepTracker(profile.bucket_edges), by_layer
         profile = {name: max(values) for name, values in by_layer.items()}
     topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile)
 
     # Build everything first, so a failure leaves the model untouched.
-    attention = SageSparseLinearAttention if quantized else SparseLinearAttention
-    blocks = {key: value for key, value in (("BLKQ", block_q), ("BLKK", block_k)) if value is not None}
     replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
     installs = []
     for prefix, model, name, module in targets:
-        sla = attention(
-            module.inner_dim // module.heads,
-            replaced[prefix + name],
-            feature_map,
-            **blocks,
-            linear_scope=linear_scope,
-            tensor_layout="NHD",
-            backend=backend,
-        ).to(next(module.parameters()).device)
+        head_dim = module.inner_dim // module.heads
+        sla = sla_module(head_dim, replaced[prefix + name], settings).to(next(module.parameters()).device)
         processor = wan.SLAWanAttnProcessor(
             module.processor, prefix + name, check_finite, bucket_topk.get(prefix + name), timesteps
         )
@@ -232,9 +246,14 @@ def patch(
             _set_processors(model, chosen)
             if timesteps is not None:
                 timesteps.attach(model)
+    attention = SageSparseLinearAttention if settings.quantized else SparseLinearAttention
     return PatchReport(
-        attention=attention.__name__, backend=backend, replaced=replaced, skipped=skipped, notes=tuple(notes)
+        attention=attention.__name__, backend=settings.backend, replaced=replaced, skipped=skipped, notes=tuple(notes)
     )
+
+
+# patch's keyword defaults (``settings`` replaces the SLA ones, which must then stay at them).
+_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(patch).parameters.items()}
 
 
 def unpatch(model_or_pipeline: object) -> list[str]:

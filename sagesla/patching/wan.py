@@ -11,8 +11,7 @@ import torch
 from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
-from sagesla import backends, validation
-from sagesla.functional import resolve_block_sizes
+from sagesla import ops, validation
 from sagesla.patching.checkpoints import SLA_ATTRIBUTE
 from sagesla.patching.timesteps import TimestepTracker
 from sagesla.profile import LayerSpec
@@ -110,7 +109,7 @@ class SLAWanAttnProcessor:
         self._logged: set[str] = set()
 
     # diffusers' set_attention_backend / enable_parallelism set these on every processor. Keeping them on the
-    # original processor makes the dense path honour them, now and after unpatch.
+    # original processor makes the dense path honour them, while patched and after unpatch.
     _attention_backend = _on_original("_attention_backend")
     _parallel_config = _on_original("_parallel_config")
 
@@ -175,16 +174,11 @@ class SLAWanAttnProcessor:
         if query.dtype not in validation.INPUT_DTYPES:
             return f"dtype {query.dtype} (SLA serves float16, bfloat16 and float32)"
         length = query.shape[1] * ulysses
-        block_q, block_k = resolve_block_sizes(sla.quantized, query.device, sla.BLKQ, sla.BLKK)
-        if length < max(block_q, block_k):
-            return f"sequence length {length} is shorter than one {block_q}x{block_k} block"
-        if sla.backend == "triton" or (sla.backend == "auto" and query.device.type == "cuda"):
-            pv_precision = sla.pv_precision
-            if pv_precision == "auto":
-                pv_precision = backends.default_pv_precision(query.device)
-            unsupported = backends.triton_unsupported_reason(
-                query.transpose(1, 2), block_q, block_k, sla.quantized, sla.linear_scope, pv_precision
-            )
+        settings = sla.settings.resolve(query.device)
+        if length < max(settings.block_q, settings.block_k):
+            return f"sequence length {length} is shorter than one {settings.block_q}x{settings.block_k} block"
+        if settings.backend == "triton" or (settings.backend == "auto" and query.device.type == "cuda"):
+            unsupported = ops.triton_unsupported_reason(query.transpose(1, 2), settings)
             if unsupported is not None:
                 return f"backend={sla.backend!r} cannot serve it: {unsupported}"
         if self.check_finite and not all(bool(torch.isfinite(x).all()) for x in (query, key, value)):
