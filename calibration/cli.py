@@ -79,10 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_SHIFT,
         help="flow shift (Wan: 3 at 480p, 5 at 720p)",
     )
-    parser.add_argument("--budget", type=arguments.budget, default=0.05, help="bound on the worst error of every call")
-    parser.add_argument(
-        "--target-sparsity", type=arguments.fraction, help="instead of --budget: mean sparsity to reach"
-    )
+    goal = parser.add_mutually_exclusive_group()
+    goal.add_argument("--budget", type=arguments.budget, default=0.05, help="bound on the worst error of every call")
+    goal.add_argument("--target-sparsity", type=arguments.fraction, help="instead of --budget: mean sparsity to reach")
     parser.add_argument("--metric", choices=METRICS, default="rel_l1", help="rel_l1, or cosine (1 - cosine)")
     parser.add_argument(
         "--topk-grid", type=arguments.topk, nargs="+", default=list(DEFAULT_CANDIDATES), help="candidates"

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -497,6 +498,13 @@ def test_patch_with_a_profile_that_does_not_fit_lists_every_mismatch(calibrated)
     pipe = type("WanPipeline", (), {"transformer": tiny_model()})()
     with pytest.raises(ProfileError, match=r"model class: profile 'WanTransformer3DModel', model 'WanPipeline'"):
         sagesla.patch(pipe, profile=calibrated)
+
+
+def test_a_profile_file_that_does_not_fit_is_named(calibrated, tmp_path):
+    path = tmp_path / "p.safetensors"
+    calibrated.save(path)
+    with pytest.raises(ProfileError, match=rf"^'{re.escape(str(path))}': the profile does not fit the model"):
+        sagesla.patch(tiny_model(), profile=path, quantized=False)
 
 
 def test_per_bucket_topk_follows_the_timestep(tmp_path):

@@ -104,6 +104,7 @@ BAD_ARGUMENTS = [
     (["demo", "--video", "--sla-weights", "{tmp}/file.txt"], "--sla-weights"),
     (["demo", "--video", "--out", "{tmp}/file.txt"], "--out"),
     (["demo", "--video", "--out", "{tmp}/file.txt/demo"], "--out"),
+    (["calibrate", "--model", "tiny", "--budget", "0.1", "--target-sparsity", "0.5"], "--target-sparsity"),
     (["calibrate", "--model", "tiny", "--out", "{tmp}/missing/p.safetensors"], "--out"),
     (["calibrate", "--model", "tiny", "--out", "{tmp}/folder"], "--out"),
     (["calibrate", "--model", "tiny", "--out", "{tmp}/file.txt/p.safetensors"], "--out"),

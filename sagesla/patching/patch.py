@@ -12,7 +12,7 @@ from sagesla import validation
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention, sla_module
 from sagesla.patching.report import PatchReport
 from sagesla.patching.timesteps import TimestepTracker
-from sagesla.profile import CHECKED_SETTINGS, LayerSpec, Profile, load_profile
+from sagesla.profile import CHECKED_SETTINGS, LayerSpec, Profile, ProfileError, load_profile
 from sagesla.settings import SLASettings
 
 # Pipeline attributes holding transformers (Wan2.2 A14B has a high-noise and a low-noise expert).
@@ -193,7 +193,9 @@ def patch(
         >>> print(report)
     """
     if isinstance(profile, (str, os.PathLike)):
-        profile = load_profile(profile)
+        source, profile = os.fspath(profile), load_profile(profile)
+    else:
+        source = None
     _check_arguments(topk, profile, check_finite)
     keywords = {
         "quantized": quantized,
@@ -218,7 +220,10 @@ def patch(
     targets, self_attention, skipped = _survey(parts, wan)
     notes, bucket_topk, timesteps = [], {}, None
     if isinstance(profile, Profile):
-        notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings)
+        try:
+            notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings)
+        except ProfileError as error:
+            raise (ProfileError(f"{source!r}: {error}") if source else error) from None
         recorded = profile.measurements.attention
         settings = settings.replace(block_q=recorded.block_q, block_k=recorded.block_k)
         if profile.bucket_edges:
