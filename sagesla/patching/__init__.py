@@ -1,4 +1,4 @@
-"""Patching trained models: SLA in place of the self-attention of diffusers Wan models, and SLA checkpoints.
+"""Patching trained models: SLA in place of the self-attention of diffusers Wan-family models, and SLA checkpoints.
 
 ``patch`` / ``unpatch`` import diffusers when called (it is optional: ``pip install 'sagesla[diffusers]'``);
 importing this package does not.

@@ -1,4 +1,4 @@
-"""``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan models and pipelines."""
+"""``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan-family models and pipelines."""
 
 import importlib.util
 import inspect
@@ -87,24 +87,31 @@ def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | Non
 
 
 def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[LayerSpec], dict[str, str]]:
-    """(layers to patch as (prefix, model, name, module), every self-attention layer, {skipped: reason})."""
+    """(layers to patch as (prefix, model, name, module), every self-attention layer SLA serves, {skipped: reason}).
+
+    Layers are chosen by what they compute (``wan.is_self_attention``, ``wan.unserved_reason``), not by class.
+    """
     targets, self_attention, skipped = [], [], {}
     for prefix, model in components:
-        layers = [(name, module) for name, module in model.named_modules() if isinstance(module, wan.WanAttention)]
-        if not layers or not hasattr(model, "set_attn_processor"):
+        layers = [(name, module) for name, module in model.named_modules() if wan.is_attention_layer(module)]
+        family = any(wan.is_wan_family(module) for _, module in layers)
+        if not family or not all(hasattr(model, attribute) for attribute in wan.diffusers_api.MODEL_ATTRIBUTES):
             where = f"`model_or_pipeline.{prefix[:-1]}`" if prefix else "`model_or_pipeline`"
             raise TypeError(
-                f"{where} must be a diffusers model built of WanAttention layers (e.g. WanTransformer3DModel), "
-                f"got {type(model).__name__}"
+                f"{where} must be a diffusers model built of WanAttention layers or a relative's copy of them "
+                "(WanTransformer3DModel, WanVACETransformer3DModel, WanAnimateTransformer3DModel, "
+                f"ChronoEditTransformer3DModel, SkyReelsV2Transformer3DModel, ...), got {type(model).__name__}"
             )
         for name, module in layers:
             if not wan.is_self_attention(module):
-                skipped[prefix + name] = "cross-attention (text/image keys) stays dense"
-                continue
-            self_attention.append(wan.layer_spec(prefix + name, module))
-            if isinstance(module.processor, wan.SLAWanAttnProcessor):
+                skipped[prefix + name] = wan.CROSS_ATTENTION
+            elif isinstance(module.processor, wan.SLAWanAttnProcessor):
+                self_attention.append(wan.layer_spec(prefix + name, module))
                 skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
+            elif (reason := wan.unserved_reason(module)) is not None:
+                skipped[prefix + name] = reason
             else:
+                self_attention.append(wan.layer_spec(prefix + name, module))
                 targets.append((prefix, model, name, module))
     return targets, self_attention, skipped
 
@@ -153,19 +160,23 @@ def patch(
     settings: SLASettings | None = None,
     check_finite: bool = False,
 ) -> PatchReport:
-    """Replace the self-attention of a diffusers Wan model, or of each transformer of a pipeline, by SLA, in place.
+    """Replace the self-attention of a diffusers Wan-family model, or of each transformer of a pipeline, by SLA.
 
-    Every self-attention ``WanAttention`` (``blocks.{i}.attn1``) gets an SLA module as its submodule ``sla``
-    (state-dict keys ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and ``.bias`` [D], fp32, zero: load trained
-    ones with ``sagesla.load_sla_weights``) and a processor (``SLAWanAttnProcessor``, installed with diffusers'
-    ``set_attn_processor``) that keeps diffusers' projections, QK-norm and RoPE and runs SLA for the attention.
-    Cross-attention (``attn2``) stays as it is. A call SLA cannot serve (an attention mask, a sequence shorter than
-    one block, a dtype or head_dim the backend cannot serve, ...) runs diffusers' dense attention instead and logs
-    the reason once per layer on the "sagesla" logger.
+    In place. Every self-attention layer whose processor SLA reproduces (``blocks.{i}.attn1`` of Wan T2V/I2V,
+    VACE (``vace_blocks`` too), Animate, ChronoEdit and SkyReels-V2: see ``diffusers_api.PROCESSORS``) gets an SLA
+    module as its submodule ``sla`` (state-dict keys ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and ``.bias``
+    [D], fp32, zero: load trained ones with ``sagesla.load_sla_weights``) and a processor (``SLAWanAttnProcessor``,
+    installed with diffusers' ``set_attn_processor``) that keeps diffusers' projections, QK-norm and RoPE and runs
+    SLA for the attention. Cross-attention (``attn2``) stays as it is, and so does a self-attention layer whose
+    processor computes what SLA cannot (Wan-Animate-2's masked generation pass), reported in ``skipped``. A call
+    SLA cannot serve (an attention mask, a sequence shorter than one block, a dtype or head_dim the backend cannot
+    serve, ...) runs diffusers' dense attention instead and logs the reason once per layer on the "sagesla" logger.
 
     Args:
-        model_or_pipeline: a ``WanTransformer3DModel`` (or another diffusers model built of ``WanAttention``), or a
-            pipeline whose ``transformer`` / ``transformer_2`` are (both are patched; Wan2.2 A14B has two).
+        model_or_pipeline: a diffusers Wan-family transformer (``WanTransformer3DModel``,
+            ``WanVACETransformer3DModel``, ``WanAnimateTransformer3DModel``, ``ChronoEditTransformer3DModel``,
+            ``SkyReelsV2Transformer3DModel``, ...), or a pipeline whose ``transformer`` / ``transformer_2`` are
+            (both are patched; Wan2.2 A14B has two).
         topk: fraction of key blocks each query block keeps, in (0, 1], for every layer.
         profile: instead of ``topk``, {layer name: topk} naming every self-attention layer, e.g.
             ``{"blocks.0.attn1": 0.05, ...}`` (``"transformer.blocks.0.attn1"`` ... for a pipeline); or a
@@ -185,9 +196,11 @@ def patch(
     Returns:
         a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons.
     Raises:
-        TypeError / ValueError: invalid arguments; ``ValueError`` also for a profile that misses or adds layers.
+        TypeError / ValueError: invalid arguments (``TypeError`` also for a model with no attention layer of a
+            Wan-family processor); ``ValueError`` also for a profile that misses or adds layers.
         ProfileError: a profile file that cannot be read, or a profile that does not fit (lists every mismatch).
-        ImportError: diffusers is not installed.
+        ImportError: diffusers is not installed, or a diffusers internal the patcher relies on moved (the message
+            lists each; ``sagesla.patching.diffusers_api``).
     Example:
         >>> report = sagesla.patch(pipe, topk=0.1)  # pipe = diffusers.WanPipeline.from_pretrained(...)
         >>> print(report)
@@ -235,8 +248,7 @@ def patch(
     replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
     installs = []
     for prefix, model, name, module in targets:
-        head_dim = module.inner_dim // module.heads
-        sla = sla_module(head_dim, replaced[prefix + name], settings).to(next(module.parameters()).device)
+        sla = sla_module(wan.head_dim(module), replaced[prefix + name], settings).to(next(module.parameters()).device)
         processor = wan.SLAWanAttnProcessor(
             module.processor, prefix + name, check_finite, bucket_topk.get(prefix + name), timesteps
         )

@@ -1,38 +1,87 @@
-"""SLA inside diffusers' Wan self-attention: an attention processor for ``WanAttention``.
+"""SLA inside the self-attention of diffusers' Wan-family transformers: which layers, and the SLA processor.
+
+A layer is chosen by what it and its processor compute, not by its class: an attention layer of Wan's shape
+(``diffusers_api.LAYER_ATTRIBUTES``) attending over its own tokens, whose processor is one of the Wan-family
+processors SLA reproduces (``diffusers_api.PROCESSORS``: ``WanAttnProcessor`` of Wan, VACE, Animate and ChronoEdit,
+``SkyReelsV2AttnProcessor``).
 
 Shapes: B batch, S tokens, H heads, D head dim; diffusers hands attention (B, S, H, D) tensors ("NHD").
-This module imports diffusers; ``sagesla.patch`` imports it only when called.
+This module imports diffusers (through ``diffusers_api.resolve``, which fails loudly when a name it needs moved);
+``sagesla.patch`` imports it only when called.
 """
 
 import logging
 from collections.abc import Callable
 
 import torch
-from diffusers.models.attention_dispatch import _templated_context_parallel_attention, dispatch_attention_fn
-from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
 from sagesla import ops, validation
+from sagesla.patching import diffusers_api
 from sagesla.patching.checkpoints import SLA_ATTRIBUTE
 from sagesla.patching.timesteps import TimestepTracker
 from sagesla.profile import LayerSpec
 
 logger = logging.getLogger("sagesla")
 
+API = diffusers_api.resolve()
+diffusers_api.warn_if_untested()
+dispatch_attention_fn = API.core["dispatch_attention_fn"]
+_templated_context_parallel_attention = API.core["_templated_context_parallel_attention"]
+
+CROSS_ATTENTION = "cross-attention (text/image keys) stays dense"
+
+
+def is_attention_layer(module: torch.nn.Module) -> bool:
+    """An attention layer of Wan's shape: q/k/v/out projections, QK-norms, heads, a processor."""
+    return all(hasattr(module, name) for name in diffusers_api.LAYER_ATTRIBUTES)
+
 
 def is_self_attention(module: torch.nn.Module) -> bool:
-    """A ``WanAttention`` whose keys come from its own tokens (``attn1``), not from text or image (``attn2``)."""
-    return isinstance(module, WanAttention) and not module.is_cross_attention and module.add_k_proj is None
+    """An attention layer of Wan's shape whose keys come from its own tokens (``attn1``), not from text, image or other
+    conditioning (``attn2``: ``is_cross_attention`` or I2V image keys ``add_k_proj``)."""
+    return is_attention_layer(module) and not module.is_cross_attention and getattr(module, "add_k_proj", None) is None
 
 
-def layer_spec(name: str, module: WanAttention) -> LayerSpec:
+def is_wan_family(module: torch.nn.Module) -> bool:
+    """An attention layer of Wan's shape that runs a Wan-family processor (SLA's included), or whose class defaults to
+    one (a layer of a Wan-family model under a processor someone else set)."""
+    if not is_attention_layer(module):
+        return False
+    known = API.served.keys() | API.skipped.keys()
+    default = getattr(type(module), "_default_processor_cls", None)
+    return isinstance(module.processor, SLAWanAttnProcessor) or type(module.processor) in known or default in known
+
+
+def unserved_reason(module: torch.nn.Module) -> str | None:
+    """Why SLA cannot serve this self-attention layer's processor, None where it reproduces it (exact type)."""
+    kind = type(module.processor)
+    if kind in API.served:
+        return None
+    if kind in API.skipped:
+        return API.skipped[kind]
+    served = sorted({processor.__name__ for processor in API.served})
+    return (
+        f"its processor {kind.__module__}.{kind.__qualname__} is not one SLA reproduces ({', '.join(served)} are), "
+        "so the layer stays as it is"
+    )
+
+
+def head_dim(module: torch.nn.Module) -> int:
+    """The head dim of an attention layer of Wan's shape: ``to_q``'s outputs over its heads."""
+    return module.to_q.out_features // module.heads
+
+
+def layer_spec(name: str, module: torch.nn.Module) -> LayerSpec:
     """The fingerprint entry of a self-attention layer: (name, heads, head_dim)."""
-    return LayerSpec(name, module.heads, module.inner_dim // module.heads)
+    return LayerSpec(name, module.heads, head_dim(module))
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's RoPE on (B, S, H, D), mirrored from diffusers' ``WanAttnProcessor`` (a closure there, so not importable).
+    """Wan's RoPE on (B, S, H, D), mirrored from diffusers' Wan-family processors (a closure in each, so not
+    importable; every served processor has the same one).
 
-    The test suite checks that the dense path of this processor reproduces diffusers' output bit for bit.
+    The test suite checks, for each family, that the dense path of this processor reproduces diffusers' output bit
+    for bit.
     """
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
@@ -67,16 +116,18 @@ def _by_bucket(index: torch.Tensor, topks: tuple[float, ...], attend: Callable[[
 
 
 class SLAWanAttnProcessor:
-    """Processor for a Wan self-attention layer: diffusers' projections, QK-norm and RoPE around ``attn.sla``.
+    """Processor for a Wan-family self-attention layer: diffusers' projections, QK-norm and RoPE around ``attn.sla``.
 
     The layer's SLA module (``SageSparseLinearAttention`` or ``SparseLinearAttention``, ``tensor_layout="NHD"``)
-    is the submodule ``attn.sla``. Each call runs diffusers' steps (``to_q/to_k/to_v`` or the fused ``to_qkv``,
-    ``norm_q``, ``norm_k``, RoPE, ``to_out``) and SLA for softmax(QK^T)V, or, when SLA cannot serve the call, the
-    very attention diffusers' ``WanAttnProcessor`` runs (``dispatch_attention_fn``), logging the reason once per
-    layer: the dense fallback computes what the unpatched model computes, bit for bit.
+    is the submodule ``attn.sla``. Each call runs the replaced processor's steps (its module's
+    ``_get_qkv_projections``: ``to_q/to_k/to_v`` or the fused ``to_qkv``; ``norm_q``, ``norm_k``, RoPE, ``to_out``)
+    and SLA for softmax(QK^T)V, or, when SLA cannot serve the call, the very attention the replaced processor runs
+    (``dispatch_attention_fn``), logging the reason once per layer: the dense fallback computes what the unpatched
+    model computes, bit for bit.
 
     Attributes:
-        original: the processor this one replaced (``sagesla.unpatch`` restores it).
+        original: the processor this one replaced (``sagesla.unpatch`` restores it), one of the processors
+            ``diffusers_api.PROCESSORS`` serves (exact type).
         layer_name: the layer's module name, for log lines.
         bucket_topk: topk per timestep bucket of ``timesteps``, handed to ``attn.sla`` with each call (the module
             is never written, so threads sampling at different timesteps each get their own); None to run
@@ -98,7 +149,13 @@ class SLAWanAttnProcessor:
         bucket_topk: tuple[float, ...] | None = None,
         timesteps: TimestepTracker | None = None,
     ):
+        if type(original) not in API.served:
+            raise TypeError(
+                f"SLAWanAttnProcessor reproduces {sorted({kind.__name__ for kind in API.served})} only, got "
+                f"{type(original).__module__}.{type(original).__qualname__}"
+            )
         self.original = original
+        self._qkv_projections = API.served[type(original)]
         self.layer_name = layer_name
         self.check_finite = check_finite
         self.bucket_topk = bucket_topk
@@ -115,7 +172,7 @@ class SLAWanAttnProcessor:
 
     def __call__(
         self,
-        attn: WanAttention,
+        attn: torch.nn.Module,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -125,7 +182,7 @@ class SLAWanAttnProcessor:
         if encoder_hidden_states is not None:
             self._fall_back("keys and values from encoder_hidden_states (cross-attention)")
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key, value = self._qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
