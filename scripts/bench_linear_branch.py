@@ -3,6 +3,7 @@ forward + backward with ``linear_scope="complement"``, through the public module
 
 Usage:
     python scripts/bench_linear_branch.py [--out-dir benchmarks/results] [--label NAME] [--compare OTHER.json]
+    python scripts/bench_linear_branch.py --quick   # the Wan2.1-1.3B shape only
     python scripts/bench_linear_branch.py --smoke   # CPU, one tiny shape, torch backend: checks the script runs
 
 Timings are medians of ``triton.testing.do_bench`` after warm-up: "eager" calls the module, "graph" replays one
@@ -115,11 +116,12 @@ def main() -> None:
     parser.add_argument("--label", default="", help="suffix of the output files")
     parser.add_argument("--compare", type=pathlib.Path, help="JSON of another run of this script")
     parser.add_argument("--smoke", action="store_true", help="CPU, one tiny shape (checks the script runs)")
+    parser.add_argument("--quick", action="store_true", help="the first shape only")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     header = run_header(torch.cuda.get_device_name() if device == "cuda" else "CPU")
     rows = []
-    for shape in SMOKE_SHAPES if args.smoke else SHAPES:
+    for shape in SMOKE_SHAPES if args.smoke else SHAPES[:1] if args.quick else SHAPES:
         rows += _inference_rows(shape, device)
         rows += [_training_row(shape, topk, device) for topk in TRAIN_TOPKS]
     columns = ["case", "shape", "eager_ms", "graph_ms"]
