@@ -3,15 +3,16 @@
 import importlib.util
 import inspect
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from sagesla import validation
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention, sla_module
-from sagesla.patching.report import PatchReport
-from sagesla.patching.timesteps import TimestepTracker
+from sagesla.patching.report import DENSE_LAYERS, PatchReport
+from sagesla.patching.timesteps import TimestepTracker, check_dense_steps
 from sagesla.profile import CHECKED_SETTINGS, LayerSpec, Profile, ProfileError, load_profile
 from sagesla.settings import SLASettings
 
@@ -72,18 +73,85 @@ def _check_arguments(topk, profile, check_finite) -> None:
     validation.check_bool("check_finite", check_finite)
 
 
-def _topk_per_layer(names: list[str], topk: float | None, profile: Mapping | None) -> dict[str, float]:
-    """{layer name: topk} for every self-attention layer, from the global ``topk`` or the ``profile``."""
+def _topk_per_layer(
+    names: list[str], topk: float | None, profile: Mapping | None, dense: frozenset[str] = frozenset()
+) -> dict[str, float]:
+    """{layer name: topk} for every self-attention layer but the ``dense`` ones, from the global ``topk`` or the
+    ``profile`` (which may name the dense layers too)."""
     if profile is None:
-        return dict.fromkeys(names, float(topk))
-    missing = [name for name in names if name not in profile]
+        return {name: float(topk) for name in names if name not in dense}
+    missing = [name for name in names if name not in profile and name not in dense]
     unknown = [key for key in profile if key not in names]
     if missing or unknown:
         raise ValueError(
             f"`profile` must give a topk for every self-attention layer and nothing else: missing {missing}, "
             f"unknown {unknown} (layers: {names})"
         )
-    return {name: validation.check_topk(profile[name], name=f"profile[{name!r}]") for name in names}
+    return {
+        name: validation.check_topk(profile[name], name=f"profile[{name!r}]") for name in names if name not in dense
+    }
+
+
+def _block_index(name: str) -> int | None:
+    """i for a layer inside ``blocks[i]`` (its name holds the components ``blocks``, ``i``), else None."""
+    found = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+    return None if found is None else int(found[1])
+
+
+def _ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for index in sorted(set(indices)):
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+def _dense_layers(dense_layers: object, layers: list[LayerSpec], skipped: Mapping[str, str]) -> frozenset[str]:
+    """The self-attention layer names ``dense_layers`` selects: each str a layer name (as the report names it), each
+    int i every self-attention layer inside ``blocks[i]`` (of each transformer of a pipeline).
+
+    Raises TypeError / ValueError naming every entry that is not a str or int, names no self-attention layer SLA
+    serves (listing them), or names a layer patched already.
+    """
+    if dense_layers is None:
+        return frozenset()
+    if isinstance(dense_layers, (str, bytes, Mapping)) or not isinstance(dense_layers, Iterable):
+        raise TypeError(
+            "`dense_layers` must be a list of layer names (str, e.g. 'blocks.0.attn1') and / or block indices (int), "
+            f"got {type(dense_layers).__name__} {dense_layers!r:.80}"
+        )
+    entries = list(dense_layers)
+    wrong = [entry for entry in entries if not (isinstance(entry, str) or validation.is_number(entry, int))]
+    if wrong:
+        raise TypeError(
+            f"`dense_layers` entries must be layer names (str) or block indices (int), got {wrong!r:.200} "
+            f"({', '.join(sorted({type(entry).__name__ for entry in wrong}))})"
+        )
+    names = [layer.name for layer in layers]
+    blocks: dict[int, list[str]] = {}
+    for name in names:
+        if (index := _block_index(name)) is not None:
+            blocks.setdefault(index, []).append(name)
+    chosen, unknown = set(), []
+    for entry in entries:
+        found = [entry] if entry in names else [] if isinstance(entry, str) else blocks.get(entry, [])
+        chosen.update(found)
+        if not found:
+            unknown.append(entry)
+    if unknown:
+        raise ValueError(
+            f"`dense_layers` names no self-attention layer SLA serves: {unknown}; the layers are {names} and the "
+            f"block indices {_ranges(list(blocks)) or 'none'}"
+        )
+    patched = [name for name in names if name in chosen and name in skipped]
+    if patched:
+        raise ValueError(
+            f"`dense_layers` names layer(s) patched already, which run SLA: {patched} (sagesla.unpatch first)"
+        )
+    return frozenset(chosen)
 
 
 def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[LayerSpec], dict[str, str]]:
@@ -117,13 +185,16 @@ def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[La
 
 
 def _fit_profile(
-    profile: Profile, model_class: str, layers: list[LayerSpec], settings: SLASettings
+    profile: Profile, model_class: str, layers: list[LayerSpec], settings: SLASettings, dense: frozenset[str]
 ) -> tuple[list, dict]:
     """Check ``profile`` against the model and patch settings; returns (report notes, {layer: topk per bucket}).
 
-    The blocks are checked where ``settings`` gives them (None takes the profile's).
+    The blocks are checked where ``settings`` gives them (None takes the profile's). A layer in ``dense`` need not
+    be in the profile (one calibrated with it dense has no entry for it); where it is, it must fit.
     """
     checked = {name: getattr(settings, name) for name in CHECKED_SETTINGS}
+    named = {layer.name for layer in profile.layers}
+    layers = [layer for layer in layers if layer.name not in dense or layer.name in named]
     profile.check_fits(model_class, layers, {name: value for name, value in checked.items() if value is not None})
     selection, attention = profile.selection, profile.measurements.attention
     short = int((~profile.met).sum())
@@ -149,6 +220,8 @@ def patch(
     *,
     topk: float | None = None,
     profile: Mapping[str, float] | Profile | str | os.PathLike | None = None,
+    dense_layers: Iterable[str | int] | None = None,
+    dense_steps: tuple[float, float] | Iterable[tuple[float, float]] | None = None,
     quantized: bool = True,
     backend: str = "auto",
     linear_scope: str = "all",
@@ -183,6 +256,18 @@ def patch(
             calibration ``Profile`` or the path of its file, checked against the model (layers, heads, head_dim)
             and the SLA settings (quantized, linear_scope, feature_map, blocks; blocks default to the profile's).
             With timestep buckets, each forward's timestep picks the topk (a pre-hook on each transformer).
+            ``dense_layers`` and ``dense_steps`` win over it; it need not name the ``dense_layers``.
+        dense_layers: self-attention layers left exactly as they are (diffusers' own attention): layer names as
+            the report names them (``"blocks.0.attn1"``; ``"transformer.blocks.0.attn1"`` for a pipeline), and / or
+            block indices: an int i stands for every self-attention layer inside ``blocks[i]`` (in each
+            transformer of a pipeline; ``vace_blocks`` are named by str). Not patched, and reported in ``skipped``
+            with the reason "dense_layers".
+        dense_steps: timesteps whose forwards run diffusers' own attention in every patched layer, bit for bit the
+            unpatched model: a range ``(low, high)`` in the scheduler's timestep units (a forward with timestep t
+            is dense where ``low <= t <= high``; for Wan2.2 TI2V's per-token timesteps, t is the largest), or a
+            list of ranges. ``sagesla.patching.dense_timesteps(scheduler.timesteps, first=N, last=M)`` gives the
+            ranges of the first / last steps. A pre-hook on each transformer records the timestep (per thread); a
+            call outside such a forward runs SLA.
         quantized: ``SageSparseLinearAttention`` (INT8 Q/K, FP8 P/V) when True, ``SparseLinearAttention`` if not.
         backend: "auto" (Triton on CUDA where it serves the call, dense attention where it does not; the torch
             reference on CPU), "torch" (the reference everywhere) or "triton" (dense where it cannot serve a call).
@@ -194,7 +279,8 @@ def patch(
         check_finite: run dense attention for calls whose q, k or v holds NaN/Inf (one device sync per call).
             Without it such a call gives NaN where dense attention would be non-finite, and possibly in more rows.
     Returns:
-        a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons.
+        a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons (``dense_layers``
+        among them), the ``dense_steps`` ranges.
     Raises:
         TypeError / ValueError: invalid arguments (``TypeError`` also for a model with no attention layer of a
             Wan-family processor); ``ValueError`` also for a profile that misses or adds layers.
@@ -210,6 +296,7 @@ def patch(
     else:
         source = None
     _check_arguments(topk, profile, check_finite)
+    dense_ranges = check_dense_steps(dense_steps)
     keywords = {
         "quantized": quantized,
         "feature_map": feature_map,
@@ -231,18 +318,25 @@ def patch(
     parts = components(model_or_pipeline)
     wan = _wan()
     targets, self_attention, skipped = _survey(parts, wan)
-    notes, bucket_topk, timesteps = [], {}, None
+    dense = _dense_layers(dense_layers, self_attention, skipped)
+    notes, bucket_topk, edges = [], {}, ()
     if isinstance(profile, Profile):
         try:
-            notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings)
+            notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings, dense)
         except ProfileError as error:
             raise (ProfileError(f"{source!r}: {error}") if source else error) from None
         recorded = profile.measurements.attention
         settings = settings.replace(block_q=recorded.block_q, block_k=recorded.block_k)
         if profile.bucket_edges:
-            timesteps, bucket_topk = TimestepTracker(profile.bucket_edges), by_layer
+            edges, bucket_topk = profile.bucket_edges, by_layer
         profile = {name: max(values) for name, values in by_layer.items()}
-    topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile)
+    topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile, dense)
+    # One tracker (one pre-hook per transformer) serves the profile's buckets and dense_steps.
+    timesteps = TimestepTracker(edges, dense_ranges) if edges or dense_ranges else None
+    for prefix, _, name, _ in targets:
+        if prefix + name in dense:
+            skipped[prefix + name] = DENSE_LAYERS
+    targets = [target for target in targets if target[0] + target[2] not in dense]
 
     # Build everything first, so a failure leaves the model untouched.
     replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
@@ -265,7 +359,12 @@ def patch(
                 timesteps.attach(model)
     attention = SageSparseLinearAttention if settings.quantized else SparseLinearAttention
     return PatchReport(
-        attention=attention.__name__, backend=settings.backend, replaced=replaced, skipped=skipped, notes=tuple(notes)
+        attention=attention.__name__,
+        backend=settings.backend,
+        replaced=replaced,
+        skipped=skipped,
+        notes=tuple(notes),
+        dense_steps=dense_ranges,
     )
 
 

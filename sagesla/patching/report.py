@@ -1,7 +1,9 @@
-"""What ``sagesla.patch`` did: the layers it replaced and the ones it left alone, with reasons."""
+"""What ``sagesla.patch`` did: the layers it replaced and the ones it left alone, with reasons; the dense steps."""
 
 from dataclasses import dataclass
 
+# ``skipped`` reason of the layers ``patch(..., dense_layers=...)`` kept dense.
+DENSE_LAYERS = "dense_layers"
 # A group of skipped layers prints at most this many names.
 _NAMES_SHOWN = 4
 
@@ -28,8 +30,11 @@ class PatchReport:
         backend: the backend they were given ("auto", "torch" or "triton").
         replaced: layer module name -> topk, for every self-attention now running SLA, e.g.
             ``{"blocks.0.attn1": 0.1}`` (``"transformer.blocks.0.attn1"`` when a pipeline was patched).
-        skipped: layer module name -> why it was left as it was, e.g. ``{"blocks.0.attn2": "cross-attention ..."}``.
+        skipped: layer module name -> why it was left as it was, e.g. ``{"blocks.0.attn2": "cross-attention ..."}``;
+            "dense_layers" for the layers ``patch(..., dense_layers=...)`` kept dense.
         notes: how a calibration profile was applied (budget, per-head and per-timestep settings), one line each.
+        dense_steps: the (low, high) timestep ranges whose forwards run diffusers' own attention in every replaced
+            layer (``patch(..., dense_steps=...)``), empty if none.
     """
 
     attention: str
@@ -37,6 +42,12 @@ class PatchReport:
     replaced: dict[str, float]
     skipped: dict[str, str]
     notes: tuple[str, ...] = ()
+    dense_steps: tuple[tuple[float, float], ...] = ()
+
+    @property
+    def dense_layers(self) -> list[str]:
+        """The layers ``dense_layers`` kept dense (not patched)."""
+        return [name for name, reason in self.skipped.items() if reason == DENSE_LAYERS]
 
     def __str__(self) -> str:
         lines = [f"sagesla.patch: {len(self.replaced)} layer(s) -> {self.attention} (backend={self.backend!r})"]
@@ -46,5 +57,8 @@ class PatchReport:
         lines.extend(
             f"  skipped {len(names)}, {reason}: {_names(names)}" for reason, names in _group(self.skipped).items()
         )
+        if self.dense_steps:
+            ranges = " or ".join(f"{low:.9g} <= t <= {high:.9g}" for low, high in self.dense_steps)
+            lines.append(f"  dense_steps: diffusers' own attention in every replaced layer where {ranges}")
         lines.extend(f"  {note}" for note in self.notes)
         return "\n".join(lines)

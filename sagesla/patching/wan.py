@@ -29,6 +29,8 @@ dispatch_attention_fn = API.core["dispatch_attention_fn"]
 _templated_context_parallel_attention = API.core["_templated_context_parallel_attention"]
 
 CROSS_ATTENTION = "cross-attention (text/image keys) stays dense"
+# ``last_fallback`` of a call that ran the original processor because its timestep lies in ``dense_steps``.
+DENSE_STEPS = "dense_steps: the timestep lies in a dense range"
 
 
 def is_attention_layer(module: torch.nn.Module) -> bool:
@@ -132,12 +134,17 @@ class SLAWanAttnProcessor:
         bucket_topk: topk per timestep bucket of ``timesteps``, handed to ``attn.sla`` with each call (the module
             is never written, so threads sampling at different timesteps each get their own); None to run
             ``attn.sla.topk``.
-        timesteps: the tracker of the running forward's timestep bucket (with ``bucket_topk``).
+        timesteps: the tracker of the running forward's timestep (with ``bucket_topk``, or with
+            ``timesteps.dense_ranges``: ``patch(..., dense_steps=...)``). A call whose forward's timestep lies in one
+            of its ``dense_ranges`` runs the original processor, in eager mode (bit for bit the unpatched layer); a
+            compiled graph keeps the processor's steps and picks dense attention (``dispatch_attention_fn``) or SLA
+            on the device (``torch.cond``).
         observer: when set (calibration), every call SLA could serve runs dense attention instead and hands it to
             ``observer(layer_name, attn.sla, query, key, value, dense)``, all (B, S, H, D); ``last_sparsity`` and
             ``last_fallback`` then change only on a fallback.
         last_sparsity: fraction of block pairs the last call skipped (0.0 after a dense call), None before any call
-            and after a compiled call whose topk follows the timestep (its bucket is chosen on the device).
+            and after a compiled call whose topk or dense / sparse choice follows the timestep (chosen on the
+            device).
         last_fallback: why the last call ran dense attention, or None if it ran SLA.
     """
 
@@ -182,6 +189,9 @@ class SLAWanAttnProcessor:
         if encoder_hidden_states is not None:
             self._fall_back("keys and values from encoder_hidden_states (cross-attention)")
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        if self.timesteps is not None and not torch.compiler.is_compiling() and self.timesteps.is_dense:
+            self.last_fallback, self.last_sparsity = DENSE_STEPS, 0.0
+            return self.original(attn, hidden_states, None, attention_mask, rotary_emb)
         query, key, value = self._qkv_projections(attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
@@ -198,21 +208,32 @@ class SLAWanAttnProcessor:
         else:
             if reason is not None:
                 self._fall_back(reason)
-            hidden_states = dispatch_attention_fn(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                dropout_p=0.0,
-                is_causal=False,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
+            hidden_states = self._dense(query, key, value, attention_mask, self._parallel_config)
             if reason is None:
                 self.observer(self.layer_name, sla, query, key, value, hidden_states)
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
+
+    def _dense(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        parallel_config: object = None,
+    ) -> torch.Tensor:
+        """The attention the replaced processor runs (diffusers' ``dispatch_attention_fn``), (B, S, H, D)."""
+        return dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=parallel_config,
+        )
 
     def _fallback_reason(
         self,
@@ -274,7 +295,36 @@ class SLAWanAttnProcessor:
     def _attend(
         self, sla: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, float | None]:
-        """``sla`` at this call's topk: (output, fraction of block pairs skipped, None where chosen on the device)."""
+        """``sla`` at this call's topk: (output, fraction of block pairs skipped, None where chosen on the device).
+
+        Compiled with ``dense_steps``, the graph holds dense attention and SLA and picks one on the device (eager
+        mode runs a dense step's call through the original processor before it gets here). Under Ulysses this runs
+        between the all-to-all exchanges, on all tokens of this rank's heads, so dense attention there is local.
+        """
+        timesteps = self.timesteps
+        if (
+            timesteps is not None
+            and timesteps.dense_ranges
+            and timesteps.timestep is not None
+            and torch.compiler.is_compiling()
+        ):
+            dense = timesteps.dense_flag(timesteps.timestep)
+            return torch.cond(
+                dense, lambda: self._dense(query, key, value), lambda: self._sparse(sla, query, key, value), ()
+            ), None
+        return self._sparse_with_sparsity(sla, query, key, value)
+
+    def _sparse(
+        self, sla: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
+        """SLA's output alone, for a compiled graph's ``torch.cond`` branch."""
+        return self._sparse_with_sparsity(sla, query, key, value)[0]
+
+    def _sparse_with_sparsity(
+        self, sla: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, float | None]:
+        """``sla`` at this call's topk (its bucket's with ``bucket_topk``): (output, fraction of block pairs skipped,
+        None where chosen on the device)."""
         if self.bucket_topk is None:
             return sla(query, key, value, return_sparsity=True)
         timestep = self.timesteps.timestep
