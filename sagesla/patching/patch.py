@@ -73,6 +73,13 @@ def _check_arguments(topk, profile, check_finite) -> None:
     validation.check_bool("check_finite", check_finite)
 
 
+def check_settings(settings: object) -> bool:
+    """Raise ``TypeError`` unless ``settings`` is an ``SLASettings`` or None; True if it is one."""
+    if settings is not None and not isinstance(settings, SLASettings):
+        raise TypeError(f"`settings` must be a sagesla.SLASettings or None, got {type(settings).__name__}")
+    return settings is not None
+
+
 def _topk_per_layer(
     names: list[str], topk: float | None, profile: Mapping | None, dense: frozenset[str] = frozenset()
 ) -> dict[str, float]:
@@ -309,9 +316,7 @@ def patch(
     }
     if settings is None:
         settings = SLASettings(**keywords, tensor_layout="NHD")
-    elif not isinstance(settings, SLASettings):
-        raise TypeError(f"`settings` must be a sagesla.SLASettings or None, got {type(settings).__name__}")
-    elif changed := [name for name, value in keywords.items() if value != _DEFAULTS[name]]:
+    elif check_settings(settings) and (changed := [name for name, v in keywords.items() if v != _DEFAULTS[name]]):
         raise ValueError(f"give `settings` or the keywords it holds, not both: got `settings` and {changed}")
     else:
         settings = settings.replace(tensor_layout="NHD", compute_dtype=settings.compute_dtype or torch.bfloat16)
