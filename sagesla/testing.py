@@ -1,6 +1,9 @@
 """Test support: the documented error bounds and tolerances, dense attention oracles, one comparison helper and a
 pipeline runner for either backend and layout (the benchmarks' accuracy checks use the oracles too)."""
 
+import threading
+from collections.abc import Callable, Sequence
+
 import torch
 
 from sagesla import metrics, ops
@@ -157,3 +160,81 @@ def run_forward(
         out=to_hnd(out),
     )
     return out, lut
+
+
+def sla_processors(model: torch.nn.Module) -> dict[str, object]:
+    """{processor name: processor} of a patched diffusers model's SLA layers."""
+    from sagesla.patching.wan import SLAWanAttnProcessor
+
+    return {name: p for name, p in model.attn_processors.items() if isinstance(p, SLAWanAttnProcessor)}
+
+
+def first_attn1_output(model: torch.nn.Module, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model output, output of blocks.0.attn1) of a Wan-family model: the first self-attention layer, whose input
+    depends on no attention."""
+    from sagesla.wan_shapes import run_wan
+
+    outputs = []
+    handle = model.blocks[0].attn1.register_forward_hook(lambda module, args, out: outputs.append(out))
+    try:
+        return run_wan(model, inputs), outputs[0]
+    finally:
+        handle.remove()
+
+
+def run_in_threads(call: Callable[[object], object], keys: Sequence, repeats: int = 4) -> dict[object, list]:
+    """{key: [call(key) ...]}: one thread per key, each calling ``repeats`` times in step with the others (a barrier
+    before each call), so the calls of different keys interleave."""
+    barrier, results = threading.Barrier(len(keys)), {key: [] for key in keys}
+
+    def run(key):
+        for _ in range(repeats):
+            barrier.wait()
+            results[key].append(call(key))
+
+    threads = [threading.Thread(target=run, args=(key,)) for key in keys]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def synthetic_measurements(
+    head_errors: torch.Tensor,
+    candidates: Sequence[float],
+    attention: object,
+    edges: Sequence[float] = (),
+    *,
+    sparsity: torch.Tensor | None = None,
+    layers: Sequence | None = None,
+    info: dict | None = None,
+):
+    """Calibration ``Measurements`` of a synthetic model: per-head worst rel-L1 ``head_errors`` [NL, NB, NC, H]
+    (means: half of it; cosines: 1 minus it; layer values: the mean over heads), 3 calls per layer and bucket,
+    sparsity ``1 - topk`` unless given, layers ``blocks.{i}.attn1`` of head_dim 64 unless given."""
+    from sagesla.profile import LayerSpec, Measurements
+
+    nl, nb, nc, heads = head_errors.shape
+    layers = tuple(layers or (LayerSpec(f"blocks.{i}.attn1", heads, 64) for i in range(nl)))
+    if sparsity is None:
+        sparsity = (1 - torch.tensor(candidates)).expand(nl, nb, nc)
+    errors = head_errors.mean(-1)
+    return Measurements(
+        "WanTransformer3DModel",
+        layers,
+        attention,
+        tuple(candidates),
+        tuple(edges),
+        calls=torch.full((nl, nb), 3),
+        sparsity=sparsity.float().contiguous(),
+        rel_l1_max=errors,
+        rel_l1_mean=errors / 2,
+        cosine_min=1 - errors,
+        cosine_mean=1 - errors / 2,
+        head_rel_l1_max=head_errors,
+        head_rel_l1_mean=head_errors / 2,
+        head_cosine_min=1 - head_errors,
+        head_cosine_mean=1 - head_errors / 2,
+        **({} if info is None else {"info": info}),
+    )

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 
 import sagesla
 from sagesla import metrics
-from sagesla.profile import RECORDED_SETTINGS, LayerSpec, Measurements, Profile, ProfileError, load_profile
+from sagesla.profile import RECORDED_SETTINGS, Measurements, Profile, ProfileError, load_profile
 from sagesla.settings import SLASettings
+from sagesla.testing import run_in_threads, synthetic_measurements
 
 pytest.importorskip("diffusers")
 
@@ -68,28 +69,8 @@ def calibrated() -> Profile:
 
 def synthetic(head_errors: torch.Tensor, edges=(), sparsity=None, layers=None) -> Measurements:
     """Measurements with the given per-head worst rel-L1 [NL, NB, NC, H] (layer error: their mean)."""
-    nl, nb, nc, heads = head_errors.shape
-    layers = layers or tuple(LayerSpec(f"blocks.{i}.attn1", heads, 64) for i in range(nl))
-    if sparsity is None:
-        sparsity = (1 - torch.tensor(CANDIDATES[-nc:])).expand(nl, nb, nc)
-    errors = head_errors.mean(-1)
-    return Measurements(
-        "WanTransformer3DModel",
-        layers,
-        TINY_SETTINGS,
-        CANDIDATES[-nc:],
-        tuple(edges),
-        calls=torch.full((nl, nb), 3),
-        sparsity=sparsity.float().contiguous(),
-        rel_l1_max=errors,
-        rel_l1_mean=errors / 2,
-        cosine_min=1 - errors,
-        cosine_mean=1 - errors / 2,
-        head_rel_l1_max=head_errors,
-        head_rel_l1_mean=head_errors / 2,
-        head_cosine_min=1 - head_errors,
-        head_cosine_mean=1 - head_errors / 2,
-    )
+    candidates = CANDIDATES[-head_errors.shape[2] :]
+    return synthetic_measurements(head_errors, candidates, TINY_SETTINGS, edges, sparsity=sparsity, layers=layers)
 
 
 def decreasing_errors(nl=2, nb=1, heads=2, seed=0) -> torch.Tensor:
@@ -534,24 +515,12 @@ def _bucketed_model():
 
 def test_threads_sampling_at_different_timesteps_each_get_their_own_topk():
     """Two threads at timesteps of different buckets, forwards interleaved: each gets the single-thread answer."""
-    import threading
 
     model = _bucketed_model()
     latents, text = seeded_inputs([0])[0]
     timesteps = (100.0, 900.0)
     alone = {t: run_wan(model, (latents, torch.tensor([t]), text)) for t in timesteps}
-    barrier, results = threading.Barrier(len(timesteps)), {t: [] for t in timesteps}
-
-    def sample(t):
-        for _ in range(4):
-            barrier.wait()
-            results[t].append(run_wan(model, (latents, torch.tensor([t]), text)))
-
-    threads = [threading.Thread(target=sample, args=(t,)) for t in timesteps]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_in_threads(lambda t: run_wan(model, (latents, torch.tensor([t]), text)), timesteps)
     for t in timesteps:
         assert len(results[t]) == 4
         for out in results[t]:

@@ -1,6 +1,5 @@
 """sagesla.patch(..., dense_layers=..., dense_steps=...): diffusers' own attention in chosen layers and steps."""
 
-import threading
 import types
 
 import pytest
@@ -10,13 +9,14 @@ import sagesla
 from sagesla.patching import dense_timesteps
 from sagesla.profile import LayerSpec, Measurements, Profile, ProfileError, Selection
 from sagesla.settings import SLASettings
+from sagesla.testing import first_attn1_output, run_in_threads, sla_processors
 from sagesla.wan_shapes import run_wan, tiny_wan_transformer, wan_inputs
 
 pytest.importorskip("diffusers")
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from sagesla.patching.wan import DENSE_STEPS, SLAWanAttnProcessor  # noqa: E402
+from sagesla.patching.wan import DENSE_STEPS  # noqa: E402
 
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 CROSS = ["blocks.0.attn2", "blocks.1.attn2"]
@@ -36,21 +36,6 @@ def at(inputs, timestep: float):
     """``wan_inputs()`` at another timestep."""
     latents, _, text = inputs
     return latents, torch.tensor([timestep]), text
-
-
-def sla_processors(model):
-    return {name: p for name, p in model.attn_processors.items() if isinstance(p, SLAWanAttnProcessor)}
-
-
-def first_attn1_output(model, inputs):
-    """The output of blocks.0.attn1, whose input does not depend on any attention."""
-    outputs = []
-    handle = model.blocks[0].attn1.register_forward_hook(lambda module, args, out: outputs.append(out))
-    try:
-        run_wan(model, inputs)
-        return outputs[0]
-    finally:
-        handle.remove()
 
 
 def bucketed_profile(topk, layers=LAYERS) -> Profile:
@@ -93,7 +78,7 @@ def bucketed_profile(topk, layers=LAYERS) -> Profile:
 def test_dense_layer_is_left_as_it_is_and_computes_diffusers_attention(tiny_wan, dense_layers):
     inputs = wan_inputs()
     processors = dict(tiny_wan.attn_processors)
-    ref = first_attn1_output(tiny_wan, inputs)
+    ref = first_attn1_output(tiny_wan, inputs)[1]
     report = sagesla.patch(tiny_wan, topk=0.5, dense_layers=dense_layers)
     assert report.replaced == {"blocks.1.attn1": 0.5}
     assert report.skipped == {**dict.fromkeys(CROSS, CROSS_REASON), "blocks.0.attn1": "dense_layers"}
@@ -102,7 +87,7 @@ def test_dense_layer_is_left_as_it_is_and_computes_diffusers_attention(tiny_wan,
     attn = tiny_wan.blocks[0].attn1
     assert attn.processor is processors["blocks.0.attn1.processor"] and type(attn.processor) is WanAttnProcessor
     assert not hasattr(attn, "sla") and list(sla_processors(tiny_wan)) == ["blocks.1.attn1.processor"]
-    assert torch.equal(first_attn1_output(tiny_wan, inputs), ref)
+    assert torch.equal(first_attn1_output(tiny_wan, inputs)[1], ref)
 
 
 def test_every_layer_dense_is_the_unpatched_model(tiny_wan):
@@ -181,7 +166,7 @@ def test_dense_steps_run_the_unpatched_model_bit_for_bit_inside_the_range(tiny_w
 def test_several_ranges_and_dense_layers_together(tiny_wan):
     inputs = wan_inputs()
     refs = {t: run_wan(tiny_wan, at(inputs, t)) for t in (10.0, 500.0, 990.0)}
-    ref_layer = first_attn1_output(tiny_wan, at(inputs, 500.0))
+    ref_layer = first_attn1_output(tiny_wan, at(inputs, 500.0))[1]
     report = sagesla.patch(tiny_wan, topk=0.5, dense_layers=[0], dense_steps=[(900.0, float("inf")), (0, 20)])
     assert report.dense_steps == ((900.0, float("inf")), (0.0, 20.0))
     assert "where 900 <= t <= inf or 0 <= t <= 20" in str(report)
@@ -189,7 +174,7 @@ def test_several_ranges_and_dense_layers_together(tiny_wan):
     assert torch.equal(run_wan(tiny_wan, at(inputs, 990.0)), refs[990.0])
     assert not torch.equal(run_wan(tiny_wan, at(inputs, 500.0)), refs[500.0])
     # The dense layer is dense at every step.
-    assert torch.equal(first_attn1_output(tiny_wan, at(inputs, 500.0)), ref_layer)
+    assert torch.equal(first_attn1_output(tiny_wan, at(inputs, 500.0))[1], ref_layer)
 
 
 def test_a_call_outside_a_forward_runs_sla(tiny_wan):
@@ -373,18 +358,7 @@ def test_threads_at_dense_and_sparse_timesteps_each_get_their_own(tiny_wan):
     timesteps = (100.0, 900.0)
     alone = {t: run_wan(tiny_wan, at(inputs, t)) for t in timesteps}
     assert not torch.equal(alone[100.0], alone[900.0])
-    barrier, results = threading.Barrier(len(timesteps)), {t: [] for t in timesteps}
-
-    def sample(t):
-        for _ in range(4):
-            barrier.wait()
-            results[t].append(run_wan(tiny_wan, at(inputs, t)))
-
-    threads = [threading.Thread(target=sample, args=(t,)) for t in timesteps]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = run_in_threads(lambda t: run_wan(tiny_wan, at(inputs, t)), timesteps)
     for t in timesteps:
         assert len(results[t]) == 4 and all(torch.equal(out, alone[t]) for out in results[t]), t
 

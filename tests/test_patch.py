@@ -9,14 +9,12 @@ import pytest
 import torch
 
 import sagesla
-from sagesla.testing import assert_close
+from sagesla.testing import assert_close, first_attn1_output, sla_processors
 from sagesla.wan_shapes import run_wan, wan_inputs
 
 pytest.importorskip("diffusers")
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
-
-from sagesla.patching.wan import SLAWanAttnProcessor  # noqa: E402
 
 # rel-L1 against the unpatched model with topk=1.0 and zero proj_l, measured over seeds 0-3 on the CPU torch
 # backend: SageSLA (INT8 Q/K, FP8 P/V) 1.2e-2 to 1.4e-2 at the first attn1 output, 3.2e-4 to 3.6e-4 at the model
@@ -26,20 +24,6 @@ MODEL_TOL = {True: 1e-3, False: 1e-4}
 # Tokens of wan_inputs(): 256, i.e. 4 key blocks of 64 on CPU.
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 CROSS = ["blocks.0.attn2", "blocks.1.attn2"]
-
-
-def sla_processors(model):
-    return {name: p for name, p in model.attn_processors.items() if isinstance(p, SLAWanAttnProcessor)}
-
-
-def first_attn1_output(model, inputs):
-    """(model output, output of blocks.0.attn1), whose input does not depend on any attention."""
-    outputs = []
-    handle = model.blocks[0].attn1.register_forward_hook(lambda module, args, out: outputs.append(out))
-    try:
-        return run_wan(model, inputs), outputs[0]
-    finally:
-        handle.remove()
 
 
 def test_report_and_submodules(tiny_wan):

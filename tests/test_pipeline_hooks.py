@@ -16,7 +16,7 @@ from torch import nn
 
 import sagesla
 from sagesla import metrics
-from sagesla.testing import assert_close
+from sagesla.testing import assert_close, sla_processors
 from sagesla.wan_shapes import run_wan, tiny_wan_transformer, wan_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -27,8 +27,6 @@ from diffusers.hooks import (  # noqa: E402
     MagCacheConfig,
     TaylorSeerCacheConfig,
 )
-
-from sagesla.patching.wan import SLAWanAttnProcessor  # noqa: E402
 
 # tests/test_patch.py's MODEL_TOL[True]: rel-L1 of the model output of SageSLA (INT8 Q/K, FP8 P/V) at topk=1.0 with
 # zero proj_l against the unpatched model (measured 3.2e-4 to 3.6e-4 there). With the LoRAs, quantized weights and
@@ -54,13 +52,9 @@ def model() -> nn.Module:
     return tiny_wan_transformer()
 
 
-def sla_processors(model: nn.Module) -> list[SLAWanAttnProcessor]:
-    return [p for p in model.attn_processors.values() if isinstance(p, SLAWanAttnProcessor)]
-
-
 def assert_ran_sla(model: nn.Module, sparsity: float = 0.0) -> None:
     """Every patched layer's last call ran SLA (no dense fallback) and skipped ``sparsity`` of the block pairs."""
-    processors = sla_processors(model)
+    processors = list(sla_processors(model).values())
     assert len(processors) == len(LAYERS)
     assert all(p.last_fallback is None and p.last_sparsity == sparsity for p in processors)
 

@@ -23,6 +23,7 @@ from sagesla.profile import (
     load_profile,
 )
 from sagesla.settings import SLASettings
+from sagesla.testing import synthetic_measurements
 
 SETTINGS = SLASettings(quantized=True, block_q=128, block_k=64, backend="auto", pv_precision="fp8")
 CANDIDATES = (0.1, 0.5, 1.0)
@@ -40,25 +41,7 @@ def make_profile(heads: int = 2, attention: SLASettings = SETTINGS) -> Profile:
     layers, buckets, candidates = 2, len(EDGES) + 1, len(CANDIDATES)
     generator = torch.Generator().manual_seed(0)
     head_errors = torch.rand(layers, buckets, candidates, heads, generator=generator)
-    errors = head_errors.mean(-1)
-    measurements = Measurements(
-        "WanTransformer3DModel",
-        tuple(LayerSpec(f"blocks.{i}.attn1", heads, 64) for i in range(layers)),
-        attention,
-        CANDIDATES,
-        EDGES,
-        calls=torch.full((layers, buckets), 3),
-        sparsity=(1 - torch.tensor(CANDIDATES)).expand(layers, buckets, candidates).float().contiguous(),
-        rel_l1_max=errors,
-        rel_l1_mean=errors / 2,
-        cosine_min=1 - errors,
-        cosine_mean=1 - errors / 2,
-        head_rel_l1_max=head_errors,
-        head_rel_l1_mean=head_errors / 2,
-        head_cosine_min=1 - head_errors,
-        head_cosine_mean=1 - head_errors / 2,
-        info=copy.deepcopy(INFO),
-    )
+    measurements = synthetic_measurements(head_errors, CANDIDATES, attention, EDGES, info=copy.deepcopy(INFO))
     values = torch.tensor(CANDIDATES, dtype=torch.float64)
     return Profile(
         measurements,

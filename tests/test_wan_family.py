@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sagesla
-from sagesla.testing import assert_close
+from sagesla.testing import assert_close, sla_processors
 from sagesla.wan_shapes import TINY_WAN_CONFIG, wan_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -134,10 +134,6 @@ FAMILIES = {
         _blocks("blocks", "attn2"),
     ),
 }
-
-
-def sla_processors(model: torch.nn.Module) -> dict[str, SLAWanAttnProcessor]:
-    return {name: p for name, p in model.attn_processors.items() if isinstance(p, SLAWanAttnProcessor)}
 
 
 @pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
