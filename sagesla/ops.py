@@ -20,7 +20,7 @@ import torch
 from sagesla import validation
 from sagesla.kernels.block_select_ref import MAX_KEY_BLOCKS, num_selected_blocks
 from sagesla.kernels.sla_ref import sla_forward_ref
-from sagesla.settings import SLASettings, has_fp8_mma
+from sagesla.settings import SLASettings, cached, has_fp8_mma
 
 logger = logging.getLogger("sagesla")
 
@@ -137,7 +137,7 @@ def attend(
     num_key_blocks = -(-length // resolved.block_k)
     sparsity = 1.0 - num_selected_blocks(topk, num_key_blocks) / num_key_blocks if length else 0.0
     backend = resolve_backend(q_hnd, resolved) if q.numel() else "torch"
-    resolved = resolved.replace(backend=backend, compute_dtype=compute_dtype, sm_scale=sm_scale)
+    resolved = cached(_for_call)(resolved, backend, compute_dtype, sm_scale)
     if needs_grad:
         out = _train_sla(q, k, v, proj_weight, proj_bias, topk, resolved)
     else:
@@ -145,8 +145,16 @@ def attend(
     return (out, sparsity) if return_sparsity else out
 
 
-# A custom op takes no dataclass: resolved settings cross it as their fields, in this order, and are rebuilt inside.
+@functools.lru_cache(maxsize=1024)
+def _for_call(resolved: SLASettings, backend: str, compute_dtype: torch.dtype, sm_scale: float) -> SLASettings:
+    """``resolved`` with what the call's tensors decide: once per distinct value (validation is host time)."""
+    return resolved.replace(backend=backend, compute_dtype=compute_dtype, sm_scale=sm_scale)
+
+
+# A custom op takes no dataclass: resolved settings cross it as their fields, in this order, and are rebuilt inside
+# (once per distinct set of fields).
 _FIELDS = tuple(field.name for field in SLASettings.__dataclass_fields__.values())
+_from_fields = functools.lru_cache(maxsize=1024)(SLASettings)
 
 
 def _op_fields(settings: SLASettings) -> tuple:
@@ -211,7 +219,7 @@ def sparse_linear_attn_op(
     backend: str,
 ) -> torch.Tensor:
     """The inference op (no autograd formula): ``_run_sla`` with resolved settings given as their fields."""
-    settings = SLASettings(
+    settings = _from_fields(
         quantized, feature_map, linear_scope, block_q, block_k, sm_scale, tensor_layout, compute_dtype, pv_precision,
         backend,
     )  # fmt: skip

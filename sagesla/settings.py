@@ -8,6 +8,7 @@ keeps, given per layer, per timestep or per call.
 """
 
 import dataclasses
+import functools
 
 import torch
 
@@ -84,13 +85,26 @@ class SLASettings:
         """These settings with the per-device defaults fixed for ``device``: the blocks, and ``pv_precision="auto"``
         as FP8 where the GPU multiplies FP8 (sm89+, faster at the documented accuracy: benchmarks/experiments.md,
         "P.V precision: FP8 against 16-bit"), 16-bit on older GPUs, FP8 (the design's recipe) on CPU."""
-        default_q, default_k = self.default_block_sizes(device)
-        pv_precision = self.pv_precision
-        if pv_precision == "auto":
-            pv_precision = "half" if device.type == "cuda" and not has_fp8_mma(device) else "fp8"
-        return dataclasses.replace(
-            self,
-            block_q=default_q if self.block_q is None else self.block_q,
-            block_k=default_k if self.block_k is None else self.block_k,
-            pv_precision=pv_precision,
-        )
+        return cached(_resolved)(self, device)
+
+
+def cached(function):
+    """``function``'s ``functools.lru_cache`` in eager mode; the function itself while torch.compile traces (a graph
+    runs no Python, and dynamo warns on cache wrappers)."""
+    return function.__wrapped__ if torch.compiler.is_compiling() else function
+
+
+# Every call resolves its settings: a pure function of two immutable values, so it is computed once per pair
+# (building a validated SLASettings costs microseconds of host time, which a sub-millisecond forward feels).
+@functools.lru_cache(maxsize=256)
+def _resolved(settings: SLASettings, device: torch.device) -> SLASettings:
+    default_q, default_k = settings.default_block_sizes(device)
+    pv_precision = settings.pv_precision
+    if pv_precision == "auto":
+        pv_precision = "half" if device.type == "cuda" and not has_fp8_mma(device) else "fp8"
+    return dataclasses.replace(
+        settings,
+        block_q=default_q if settings.block_q is None else settings.block_q,
+        block_k=default_k if settings.block_k is None else settings.block_k,
+        pv_precision=pv_precision,
+    )
