@@ -5,13 +5,12 @@ hook configs (``FirstBlockCacheConfig`` + ``apply_first_block_cache``), and ``PR
 run when the config is built), same result, same report.
 """
 
-import contextlib
 import dataclasses
 import os
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
-from sagesla.patching.patch import _check_arguments, _dense_layers, check_settings, patch, unpatch
+from sagesla.patching.patch import check_dense_layers, check_patch_arguments, check_settings, patch, unpatch
 from sagesla.patching.report import PatchReport
 from sagesla.patching.timesteps import check_dense_steps
 from sagesla.profile import Profile
@@ -50,17 +49,11 @@ class SageSLAConfig:
     def __post_init__(self) -> None:
         # A path is read at apply time (as patch does); here it only counts as "a profile was given".
         is_path = isinstance(self.profile, (str, os.PathLike))
-        _check_arguments(self.topk, {} if is_path else self.profile, self.check_finite)
+        check_patch_arguments(self.topk, {} if is_path else self.profile, self.check_finite)
         if isinstance(self.profile, Mapping):
             object.__setattr__(self, "profile", types.MappingProxyType(dict(self.profile)))
-        dense_layers = self.dense_layers
-        if isinstance(dense_layers, Iterator):
-            dense_layers = tuple(dense_layers)
-        # No layers to match yet (ValueError: names no layer): only the kinds are checked here.
-        with contextlib.suppress(ValueError):
-            _dense_layers(dense_layers, [], {})
-        if dense_layers is not None:
-            object.__setattr__(self, "dense_layers", tuple(dense_layers))
+        # Which layers the entries name needs the model: apply_sage_sla checks it.
+        object.__setattr__(self, "dense_layers", check_dense_layers(self.dense_layers))
         object.__setattr__(self, "dense_steps", check_dense_steps(self.dense_steps) or None)
         if not check_settings(self.settings):
             object.__setattr__(self, "settings", SLASettings())

@@ -56,7 +56,8 @@ def _set_processors(model: nn.Module, processors: dict[str, object]) -> None:
     model.set_attn_processor(everything)
 
 
-def _check_arguments(topk, profile, check_finite) -> None:
+def check_patch_arguments(topk, profile, check_finite) -> None:
+    """Exactly one of ``topk`` (in (0, 1]) and ``profile`` (a mapping or ``Profile``), and a bool ``check_finite``."""
     if (topk is None) == (profile is None):
         given = "both" if topk is not None else "neither"
         raise ValueError(
@@ -116,27 +117,36 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
-def _dense_layers(dense_layers: object, layers: list[LayerSpec], skipped: Mapping[str, str]) -> frozenset[str]:
-    """The self-attention layer names ``dense_layers`` selects: each str a layer name (as the report names it), each
-    int i every self-attention layer inside ``blocks[i]`` (of each transformer of a pipeline).
-
-    Raises TypeError / ValueError naming every entry that is not a str or int, names no self-attention layer SLA
-    serves (listing them), or names a layer patched already.
-    """
+def check_dense_layers(dense_layers: object) -> tuple[str | int, ...] | None:
+    """``dense_layers`` as a tuple of layer names (str) and block indices (int), or None; ``TypeError`` naming the
+    argument or every entry of another kind."""
     if dense_layers is None:
-        return frozenset()
+        return None
     if isinstance(dense_layers, (str, bytes, Mapping)) or not isinstance(dense_layers, Iterable):
         raise TypeError(
             "`dense_layers` must be a list of layer names (str, e.g. 'blocks.0.attn1') and / or block indices (int), "
             f"got {type(dense_layers).__name__} {dense_layers!r:.80}"
         )
-    entries = list(dense_layers)
+    entries = tuple(dense_layers)
     wrong = [entry for entry in entries if not (isinstance(entry, str) or validation.is_number(entry, int))]
     if wrong:
         raise TypeError(
             f"`dense_layers` entries must be layer names (str) or block indices (int), got {wrong!r:.200} "
             f"({', '.join(sorted({type(entry).__name__ for entry in wrong}))})"
         )
+    return entries
+
+
+def _dense_layers(entries: tuple[str | int, ...] | None, layers: list[LayerSpec], skipped: Mapping[str, str]):
+    """The self-attention layer names that checked ``dense_layers`` entries select (a frozenset): each str a layer
+    name (as the report names it), each int i every self-attention layer inside ``blocks[i]`` (of each transformer
+    of a pipeline).
+
+    Raises ValueError naming every entry that names no self-attention layer SLA serves (listing them), or a layer
+    patched already.
+    """
+    if entries is None:
+        return frozenset()
     names = [layer.name for layer in layers]
     blocks: dict[int, list[str]] = {}
     for name in names:
@@ -302,8 +312,9 @@ def patch(
         source, profile = os.fspath(profile), load_profile(profile)
     else:
         source = None
-    _check_arguments(topk, profile, check_finite)
+    check_patch_arguments(topk, profile, check_finite)
     dense_ranges = check_dense_steps(dense_steps)
+    dense_layers = check_dense_layers(dense_layers)
     keywords = {
         "quantized": quantized,
         "feature_map": feature_map,
