@@ -4,12 +4,15 @@ Launches: one pass over K and V for every token reduction (K mean, V channel max
 finishing launch (which also folds ``proj_l`` into the linear state and computes the FP8 V scales), INT8 Q and K
 with pooling, block selection (an fp32 product of the pooled blocks, then the ranking), FP8 V (when P.V runs in
 FP8), and the fused sparse + linear kernel. No host synchronisation and no data-dependent allocation.
+Exact keys: their partial attention runs in PyTorch (``exact_keys_ref.exact_partials``; T is small) and the sparse
+kernel merges it in its epilogue.
 """
 
 import torch
 
 from sagesla.kernels.block_select import select_blocks
 from sagesla.kernels.constants import LOG2E
+from sagesla.kernels.exact_keys_ref import exact_partials
 from sagesla.kernels.kv_stats import inference_stats
 from sagesla.kernels.quant import quant_qk, quant_v_fp8_scaled
 from sagesla.kernels.sparse_attn import sparse_attn_fwd
@@ -31,12 +34,15 @@ def sla_forward(
     proj_weight: torch.Tensor | None,
     proj_bias: torch.Tensor | None,
     out: torch.Tensor,
+    exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """SageSLA forward into ``out``; same contract as ``sla_forward_ref`` (quantized, linear_scope "all" only).
 
     Args:
         q, k, v: [B, H, L, D] views in the compute dtype with unit stride on D.
         out: [B, H, L, D] view of the output.
+        exact: (k_x [B, H, T, D], v_x [B, H, T, D], mask [B, T] bool or None) extra keys every query attends, or
+            None.
     Returns:
         lut: [B, H, NQ, S] int32.
     """
@@ -53,6 +59,12 @@ def sla_forward(
     if linear:
         bias = None if proj_bias is None else proj_bias.float().contiguous()
         fused = (q, stats.kvw, stats.z, stats.w_live, bias)
+    partial = None
+    if exact is not None:
+        k_x, v_x, key_mask = exact
+        # against the extra keys smoothed as K was, so both log-sum-exps carry the same shift
+        o_x, lse_x = exact_partials(q, k_x.float() - stats.k_mean, v_x, key_mask, sm_scale)
+        partial = (o_x, lse_x * LOG2E)
     sparse_attn_fwd(
         qk.q_int8,
         qk.q_scale,
@@ -65,6 +77,7 @@ def sla_forward(
         block_k,
         out,
         linear=fused,
+        exact=partial,
         feature_map=feature_map,
     )
     return lut

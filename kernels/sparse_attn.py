@@ -8,6 +8,8 @@ with ``proj_l`` folded into the per-head state once per call. K, FP8 V and the f
 descriptors on Hopper (plain loads elsewhere: Triton rewrites them). With a ragged tail each block checks whether it
 reaches past L (a uniform branch around the key mask), so the loop has no peeled iteration and the compiler
 prefetches every block, the LUT's last entry included; the epilogue issues all of its loads before it computes.
+With exact keys the epilogue first merges the normalized output with the extra keys' partial (its output and
+base-2 log-sum-exp, computed beforehand), through the sparse part's own log-sum-exp ``m + log2(l)``.
 """
 
 import torch
@@ -119,6 +121,8 @@ def sparse_attn_fwd_kernel(
     ksum,
     w_live,
     bias,
+    o_x,
+    lse_x,
     o,
     s_ob,
     s_oh,
@@ -138,6 +142,7 @@ def sparse_attn_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     FEATURE: tl.constexpr,
     EVEN_L: tl.constexpr,
+    HAS_EXACT: tl.constexpr,
     IS_INTERPRET: tl.constexpr,
 ):
     i_q, i_bh = tl.program_id(0), tl.program_id(1)
@@ -164,14 +169,35 @@ def sparse_attn_fwd_kernel(
         state = _attend_block(
             b_q, b_qs, keys, values, tl.load(p_lut + s), state, L, D, DP, BK, PV_FP8, not EVEN_L, IS_INTERPRET
         )
-    _, b_l, b_acc = state
+    b_m, b_l, b_acc = state
     # The epilogue's loads first, so their latencies overlap.
-    m_o = (o_q < L)[:, None] & m_d[None, :]
+    m_q = o_q < L
+    m_o = m_q[:, None] & m_d[None, :]
     if PV_FP8:
         b_vs = tl.load(v_scale + i_bh64 * D + o_d, mask=m_d, other=0.0)
-    b_o = b_acc * (1.0 / b_l)[:, None]
+    if HAS_EXACT:
+        # [BQ, DP] fp32 normalized output and [BQ] base-2 log-sum-exp of the extra keys (o_x [B*H, L, D] contiguous)
+        b_ox = tl.load(o_x + (i_bh64 * L + o_q[:, None]) * D + o_d[None, :], mask=m_o, other=0.0)
+        b_lse_x = tl.load(lse_x + i_bh64 * L + o_q, mask=m_q, other=float("-inf"))
+    # [BQ] the accumulator's row factor: 1 / l, times the sparse part's weight among exact keys when they are given
+    b_share = 1.0 / b_l
+    if HAS_EXACT:
+        # The sparse part's base-2 log-sum-exp: P was exp2(s - m), shifted by LOG2_FP8_MAX for FP8 P.V.
+        b_lse = b_m + tl.log2(b_l)
+        if PV_FP8:
+            b_lse -= LOG2_FP8_MAX
+        # Softmax over the union: weights relative to the larger log-sum-exp (the sparse one is finite; a row without
+        # valid extra keys has lse_x = -inf, weight 0). A NaN on either side reaches the output through exp2.
+        b_top = tl.maximum(b_lse, b_lse_x)
+        b_w = tl.exp2(b_lse - b_top)
+        b_w_x = tl.exp2(b_lse_x - b_top)
+        b_norm = 1.0 / (b_w + b_w_x)
+        b_share = b_share * (b_w * b_norm)
+    b_o = b_acc * b_share[:, None]
     if PV_FP8:
         b_o = b_o * b_vs[None, :]
+    if HAS_EXACT:
+        b_o += b_ox * (b_w_x * b_norm)[:, None]
     # An all-zero proj_l (not fine-tuned) makes S W^T, so the product, exactly zero: skip it, decided on the device.
     # Read after the loop: held across it, the flag would spill under the 168-register cap.
     if HAS_LINEAR:
@@ -235,6 +261,7 @@ def sparse_attn_fwd(
     out: torch.Tensor,
     *,
     linear: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    exact: tuple[torch.Tensor, torch.Tensor] | None = None,
     feature_map: str = "softmax",
     num_warps: int | None = None,
     num_stages: int | None = None,
@@ -251,6 +278,10 @@ def sparse_attn_fwd(
         linear: (q [B, H, L, D] view, kvw [B, H, DP, DP] bf16 = ``S W^T`` padded, ksum [B, H, DP] fp32, w_live
             [B, H, DP // FINISH_ROWS] int32 (all 0 skips the product: ``S W^T`` is zero), bias [D] or None) to fuse
             the linear branch, or None.
+        exact: (o_x [B, H, L, D] fp32 contiguous, lse_x [B, H, L] fp32 contiguous, base 2) the extra keys' partial
+            (``exact_keys_ref.exact_partials``, its lse times log2(e)), merged into the sparse output before the
+            linear branch is added, or None. With quantized K smoothed by ``k_mean``, the partial must be computed
+            against the extra keys minus ``k_mean`` (the same score shift).
     """
     B, H, L, D = out.shape
     DP, NQ, NK = padded_head_dim(D), q_scale.shape[-1], k_scale.shape[-1]
@@ -268,6 +299,7 @@ def sparse_attn_fwd(
     else:
         q, kvw, ksum, w_live, bias = linear
         kvw_desc = _descriptor(kvw.view(-1, DP), [DP, DP])
+    o_x, lse_x = (q_scale, q_scale) if exact is None else exact
     sparse_attn_fwd_kernel[(NQ, B * H)](
         q_int8,
         q_scale,
@@ -284,6 +316,8 @@ def sparse_attn_fwd(
         ksum,
         w_live,
         q_scale if bias is None else bias,
+        o_x,
+        lse_x,
         out,
         *out.stride()[:3],
         L,
@@ -301,6 +335,7 @@ def sparse_attn_fwd(
         HAS_BIAS=bias is not None,
         FEATURE=FEATURE_MAP_IDS[feature_map],
         EVEN_L=L % block_k == 0,
+        HAS_EXACT=exact is not None,
         IS_INTERPRET=IS_INTERPRET,
         **options,
     )

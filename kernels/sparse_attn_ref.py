@@ -1,6 +1,8 @@
 """Reference block-sparse attention: each query block attends to the keys of its selected key blocks.
 
-Scores are in base 2 (the softmax scale times log2(e) is folded in), so ``p = exp2(s - rowmax)``.
+Scores are in base 2 (the softmax scale times log2(e) is folded in), so ``p = exp2(s - rowmax)``; on request the
+references also return each row's log-sum-exp, ``ln(2) * (rowmax + log2(rowsum))``, the natural log of
+``sum exp`` of the true scaled scores (``exact_keys_ref.merge_partials`` joins it with other keys).
 Memory is bounded by gathering only the selected blocks, never an L x L buffer, and by walking the
 B*H heads in chunks.
 """
@@ -10,7 +12,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from sagesla.kernels.blocks_ref import at_least_fp32, to_blocks
-from sagesla.kernels.constants import FP8_DTYPE, FP8_MAX, LOG2E
+from sagesla.kernels.constants import FP8_DTYPE, FP8_MAX, LN2, LOG2E
 
 # Bytes of fp32 score temporaries one chunk of heads may hold.
 _CHUNK_BYTES = 1 << 28
@@ -36,11 +38,16 @@ def _key_valid(lut: torch.Tensor, block_k: int, length: int) -> torch.Tensor:
 
 def _softmax_pv(
     scores: torch.Tensor, valid: torch.Tensor, v_sel: torch.Tensor, round_p: Callable[[torch.Tensor], torch.Tensor]
-) -> torch.Tensor:
-    """Masked base-2 softmax of scores [N, NQ, BQ, K] times v_sel [N, NQ, K, D]; P goes through ``round_p``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked base-2 softmax of scores [N, NQ, BQ, K] times v_sel [N, NQ, K, D]; P goes through ``round_p``.
+
+    Returns (o [N, NQ, BQ, D], base-2 log-sum-exp [N, NQ, BQ] of the scores, from the unrounded P).
+    """
     scores = scores.masked_fill(~valid, float("-inf"))
-    p = torch.exp2(scores - scores.amax(dim=-1, keepdim=True))
-    return (round_p(p) @ v_sel) / p.sum(dim=-1, keepdim=True)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    p = torch.exp2(scores - row_max)
+    row_sum = p.sum(dim=-1, keepdim=True)
+    return (round_p(p) @ v_sel) / row_sum, (row_max + torch.log2(row_sum)).squeeze(-1)
 
 
 def _attend(
@@ -51,16 +58,19 @@ def _attend(
     length: int,
     scores_fn: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor],
     round_p: Callable[[torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """Shared walk over head chunks. *_blocks are [B*H, N, BLK, D] fp32; returns [B*H, NQ*BQ, D] fp32."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shared walk over head chunks. *_blocks are [B*H, N, BLK, D] fp32; returns (o [B*H, NQ*BQ, D] fp32,
+    base-2 log-sum-exp [B*H, NQ*BQ] fp32)."""
     heads, nq, bq, _ = q_blocks.shape
     block_k = k_blocks.shape[2]
     out = q_blocks.new_empty(q_blocks.shape)
+    lse = q_blocks.new_empty(q_blocks.shape[:-1])
     for c in _head_chunks(heads, nq * bq * lut.shape[-1] * block_k * 4 * 3):
         k_sel = _gather_blocks(k_blocks[c], lut[c])
         scores = scores_fn(c, q_blocks[c] @ k_sel.transpose(-1, -2), lut[c])
-        out[c] = _softmax_pv(scores, _key_valid(lut[c], block_k, length), _gather_blocks(v_blocks[c], lut[c]), round_p)
-    return out.flatten(1, 2)
+        valid = _key_valid(lut[c], block_k, length)
+        out[c], lse[c] = _softmax_pv(scores, valid, _gather_blocks(v_blocks[c], lut[c]), round_p)
+    return out.flatten(1, 2), lse.flatten(1, 2)
 
 
 def _flat_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -68,13 +78,22 @@ def _flat_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return to_blocks(at_least_fp32(x), block).flatten(0, 1)
 
 
-def _unflatten(o: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return o[:, : like.shape[-2]].unflatten(0, like.shape[:2])
+def _unflatten(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B*H, NQ*BQ, ...] -> [B, H, L, ...], dropping the padded rows of the tail query block."""
+    return x[:, : like.shape[-2]].unflatten(0, like.shape[:2])
 
 
 def sparse_attn_ref(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int, block_k: int, sm_scale: float
-) -> torch.Tensor:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    block_q: int,
+    block_k: int,
+    sm_scale: float,
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Unquantized block-sparse attention (the trainable SLA's sparse branch), fp32 math.
 
     Args:
@@ -82,15 +101,17 @@ def sparse_attn_ref(
         lut: [B, H, NQ, S] int32 selected key blocks per query block.
         block_q, block_k: BQ, BK.
         sm_scale: softmax scale.
+        return_lse: also return the log-sum-exp.
     Returns:
-        o_s: [B, H, L, D] fp32.
+        o_s: [B, H, L, D] fp32; with ``return_lse``, (o_s, lse [B, H, L] fp32, natural log of
+        ``sum exp(sm_scale q.k)`` over each row's selected keys).
     """
     scale = sm_scale * LOG2E
 
     def scores_fn(c: slice, dots: torch.Tensor, lut_c: torch.Tensor) -> torch.Tensor:
         return dots * scale
 
-    o = _attend(
+    o, lse = _attend(
         _flat_blocks(q, block_q),
         _flat_blocks(k, block_k),
         _flat_blocks(v, block_k),
@@ -99,7 +120,8 @@ def sparse_attn_ref(
         scores_fn,
         lambda p: p,
     )
-    return _unflatten(o, q)
+    o = _unflatten(o, q)
+    return (o, _unflatten(lse, q) * LN2) if return_lse else o
 
 
 def sparse_attn_quant_ref(
@@ -112,7 +134,9 @@ def sparse_attn_quant_ref(
     lut: torch.Tensor,
     block_q: int,
     block_k: int,
-) -> torch.Tensor:
+    *,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Quantized block-sparse attention of SageSLA.
 
     Scores are ``int8 dot * q_scale * k_scale`` (exact: int8 products of D <= 1024 sum exactly in fp32), already
@@ -126,8 +150,11 @@ def sparse_attn_quant_ref(
         v: [B, H, L, D] float8_e4m3fn with v_scale [B, H, D] fp32, or fp16 / bf16 with v_scale None.
         lut: [B, H, NQ, S] int32.
         block_q, block_k: BQ, BK.
+        return_lse: also return the log-sum-exp.
     Returns:
-        o_s: [B, H, L, D] fp32.
+        o_s: [B, H, L, D] fp32; with ``return_lse``, (o_s, lse [B, H, L] fp32): ``ln(2)`` times the base-2
+        log-sum-exp of the scores used (``int8 dot * q_scale * k_scale``; the row sum of the unrounded P), so the
+        natural log-sum-exp of ``sm_scale q.(k - k_mean)`` in the pipeline, where K was smoothed.
     """
     qs = q_scale.flatten(0, 1)
     ks = k_scale.flatten(0, 1)
@@ -149,7 +176,7 @@ def sparse_attn_quant_ref(
         def round_p(p: torch.Tensor) -> torch.Tensor:
             return p.to(v.dtype).float()
 
-    o = _attend(
+    o, lse = _attend(
         _flat_blocks(q_int8, block_q),
         _flat_blocks(k_int8, block_k),
         _flat_blocks(v, block_k),
@@ -159,4 +186,6 @@ def sparse_attn_quant_ref(
         round_p,
     )
     o = _unflatten(o, q_int8)
-    return o if v_scale is None else o * v_scale[:, :, None, :]
+    if v_scale is not None:
+        o = o * v_scale[:, :, None, :]
+    return (o, _unflatten(lse, q_int8) * LN2) if return_lse else o

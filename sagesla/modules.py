@@ -86,9 +86,14 @@ class _SLABase(nn.Module):
         return_sparsity: bool = False,
         *,
         topk: float | None = None,
+        exact_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        exact_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, float]:
         """Args: q, k, v [B, H, L, D] (or [B, L, H, D] with ``tensor_layout="NHD"``), D = ``head_dim``;
-        ``topk`` for this call only (default ``self.topk``), so callers sharing the module never write its state.
+        ``topk`` for this call only (default ``self.topk``), so callers sharing the module never write its state;
+        ``exact_kv`` = (k_x, v_x), each [B, H, T, D] (or [B, T, H, D]), extra keys every query attends exactly inside
+        the sparse softmax, with ``exact_mask`` [B, T] bool (True = attend; None: all), as in
+        ``sagesla.sparse_linear_attn``.
 
         Returns o in q's dtype and layout; with ``return_sparsity``, also the fraction of block pairs skipped.
         The linear branch runs with ``proj_l`` as it is at the call (an all-zero ``proj_l`` adds exactly zero).
@@ -103,6 +108,8 @@ class _SLABase(nn.Module):
             self.settings,
             self.proj_l.weight,
             self.proj_l.bias,
+            exact_kv=exact_kv,
+            exact_mask=exact_mask,
             return_sparsity=return_sparsity,
         )
 

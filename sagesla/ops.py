@@ -7,7 +7,7 @@ path (``sagesla::sla_train_*`` in kernels/sla_train.py, autograd registered) or 
 
 The backend: an explicit ``backend="triton"`` never falls back (``NotImplementedError`` naming what it cannot
 serve); ``backend="auto"`` falls back to ``"torch"`` and logs the reason once. Shapes: B batch, H heads, L tokens,
-D head dim.
+D head dim, T exact keys.
 """
 
 import functools
@@ -40,8 +40,9 @@ def _pow2_in(value: int, low: int, high: int) -> bool:
     return low <= value <= high and value & (value - 1) == 0
 
 
-def triton_unsupported_reason(q: torch.Tensor, settings: SLASettings) -> str | None:
-    """Why the Triton backend cannot serve ``q`` ([B, H, L, D] view) with resolved ``settings``, or None."""
+def triton_unsupported_reason(q: torch.Tensor, settings: SLASettings, *, has_exact: bool = False) -> str | None:
+    """Why the Triton backend cannot serve ``q`` ([B, H, L, D] view) with resolved ``settings`` (and exact keys
+    when ``has_exact``), or None."""
     if not _TRITON_IMPORTABLE:
         return "triton is not installed"
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -49,6 +50,8 @@ def triton_unsupported_reason(q: torch.Tensor, settings: SLASettings) -> str | N
     if settings.quantized and settings.linear_scope != "all":
         scope = settings.linear_scope
         return f"linear_scope={scope!r} runs on the torch backend (the SageSLA kernels fuse scope 'all')"
+    if has_exact and not settings.quantized:
+        return "exact keys with quantized=False run on the torch backend (the trainable SLA kernels have none)"
     if settings.quantized and settings.pv_precision == "fp8" and q.device.type == "cuda" and not has_fp8_mma(q.device):
         return "FP8 P.V needs an sm89+ GPU (use pv_precision='half')"
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
@@ -62,11 +65,11 @@ def triton_unsupported_reason(q: torch.Tensor, settings: SLASettings) -> str | N
     return None
 
 
-def resolve_backend(q: torch.Tensor, settings: SLASettings) -> str:
-    """ "torch" or "triton" for ``q`` ([B, H, L, D] view) with resolved ``settings``."""
+def resolve_backend(q: torch.Tensor, settings: SLASettings, *, has_exact: bool = False) -> str:
+    """ "torch" or "triton" for ``q`` ([B, H, L, D] view) with resolved ``settings`` (and exact keys)."""
     if settings.backend == "torch" or (settings.backend == "auto" and q.device.type != "cuda"):
         return "torch"
-    reason = triton_unsupported_reason(q, settings)
+    reason = triton_unsupported_reason(q, settings, has_exact=has_exact)
     if reason is None:
         return "triton"
     if settings.backend == "triton":
@@ -91,9 +94,9 @@ def forward_for(backend: str, quantized: bool):
     return sla_train_forward
 
 
-def _hnd_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tensor_layout: str) -> list[torch.Tensor]:
-    """[B, H, L, D] views of q, k, v given in ``tensor_layout``."""
-    return [x if tensor_layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
+def _hnd_views(tensor_layout: str, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """[B, H, N, D] views of ``tensors`` given in ``tensor_layout``."""
+    return [x if tensor_layout == "HND" else x.transpose(1, 2) for x in tensors]
 
 
 def attend(
@@ -105,10 +108,13 @@ def attend(
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
     *,
+    exact_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exact_mask: torch.Tensor | None = None,
     return_sparsity: bool = False,
     check_inputs: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
-    """SLA of q, k, v with validated ``topk`` and ``settings`` (see ``sagesla.sparse_linear_attn``).
+    """SLA of q, k, v with validated ``topk`` and ``settings`` (see ``sagesla.sparse_linear_attn``), joined by the
+    exact keys ``exact_kv`` (masked by ``exact_mask``) when given.
 
     Checks the tensors (skipped while compiling), refuses gradients through the quantized path, resolves the
     settings for the device and the backend once, then runs the inference op or, when gradients are needed, the
@@ -119,29 +125,35 @@ def attend(
         validation.check_bool("return_sparsity", return_sparsity)
         validation.check_bool("check_inputs", check_inputs)
         validation.check_proj(proj_weight, proj_bias, q.shape[-1], q.device)
+        validation.check_exact(exact_kv, exact_mask, q, settings.tensor_layout)
+    exact_k, exact_v = (None, None) if exact_kv is None else exact_kv
+    # No extra keys (T = 0) change nothing: the call runs as one without them.
+    if exact_k is not None and exact_k.shape[2 if settings.tensor_layout == "HND" else 1] == 0:
+        exact_k = exact_v = exact_mask = None
     # The quantized kernels record no autograd graph, and differentiating the reference through its INT8/FP8
     # rounding gives gradients of the wrong function: SageSLA refuses, on every backend, before any work.
     needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias)
+        x is not None and x.requires_grad for x in (q, k, v, proj_weight, proj_bias, exact_k, exact_v)
     )
     if needs_grad and settings.quantized:
-        validation.refuse_gradients(q, k, v, proj_weight, proj_bias)
+        validation.refuse_gradients(q, k, v, proj_weight, proj_bias, exact_k, exact_v)
     if check_inputs and not torch.compiler.is_compiling():
-        validation.check_finite(q, k, v)
+        validation.check_finite(q, k, v, exact_k, exact_v)
     resolved = settings.resolve(q.device)
     head_dim = q.shape[-1]
     compute_dtype = resolved.compute_dtype or (q.dtype if q.dtype in validation.COMPUTE_DTYPES else torch.bfloat16)
     sm_scale = head_dim**-0.5 if resolved.sm_scale is None else resolved.sm_scale
-    q_hnd = _hnd_views(q, k, v, resolved.tensor_layout)[0]
+    q_hnd = _hnd_views(resolved.tensor_layout, q)[0]
     length = q_hnd.shape[2]
     num_key_blocks = -(-length // resolved.block_k)
     sparsity = 1.0 - num_selected_blocks(topk, num_key_blocks) / num_key_blocks if length else 0.0
-    backend = resolve_backend(q_hnd, resolved) if q.numel() else "torch"
+    backend = resolve_backend(q_hnd, resolved, has_exact=exact_k is not None) if q.numel() else "torch"
     resolved = cached(_for_call)(resolved, backend, compute_dtype, sm_scale)
+    tensors = (q, k, v, proj_weight, proj_bias, exact_k, exact_v, exact_mask)
     if needs_grad:
-        out = _train_sla(q, k, v, proj_weight, proj_bias, topk, resolved)
+        out = _train_sla(*tensors, topk, resolved)
     else:
-        out = sparse_linear_attn_op(q, k, v, proj_weight, proj_bias, topk, *_op_fields(resolved))
+        out = sparse_linear_attn_op(*tensors, topk, *_op_fields(resolved))
     return (out, sparsity) if return_sparsity else out
 
 
@@ -167,17 +179,29 @@ def _run_sla(
     v: torch.Tensor,
     proj_weight: torch.Tensor | None,
     proj_bias: torch.Tensor | None,
+    exact_k: torch.Tensor | None,
+    exact_v: torch.Tensor | None,
+    exact_mask: torch.Tensor | None,
     topk: float,
     settings: SLASettings,
 ) -> torch.Tensor:
-    """SLA forward on the resolved backend of ``settings`` (contiguous output in q's shape, dtype and layout)."""
+    """SLA forward on the resolved backend of ``settings`` (contiguous output in q's shape, dtype and layout).
+
+    The exact keys, when ``exact_k`` is given, reach the pipeline as its ``exact`` argument (HND views in the compute
+    dtype); the trainable Triton pipeline, which takes none, never receives them (``triton_unsupported_reason``).
+    """
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if q.numel() == 0:
         return out
-    hnd = [x.to(settings.compute_dtype) for x in _hnd_views(q, k, v, settings.tensor_layout)]
+    hnd = [x.to(settings.compute_dtype) for x in _hnd_views(settings.tensor_layout, q, k, v)]
+    exact = {}
+    if exact_k is not None:
+        exact_hnd = [x.to(settings.compute_dtype) for x in _hnd_views(settings.tensor_layout, exact_k, exact_v)]
+        exact["exact"] = (*exact_hnd, exact_mask)
     forward_for(settings.backend, settings.quantized)(
         *hnd,
         **_pipeline_arguments(topk, settings, proj_weight, proj_bias),
+        **exact,
         quantized=settings.quantized,
         pv_precision=settings.pv_precision,
         out=out if settings.tensor_layout == "HND" else out.transpose(1, 2),
@@ -206,6 +230,9 @@ def sparse_linear_attn_op(
     v: torch.Tensor,
     proj_weight: torch.Tensor | None,
     proj_bias: torch.Tensor | None,
+    exact_k: torch.Tensor | None,
+    exact_v: torch.Tensor | None,
+    exact_mask: torch.Tensor | None,
     topk: float,
     quantized: bool,
     feature_map: str,
@@ -218,12 +245,13 @@ def sparse_linear_attn_op(
     pv_precision: str,
     backend: str,
 ) -> torch.Tensor:
-    """The inference op (no autograd formula): ``_run_sla`` with resolved settings given as their fields."""
+    """The inference op (no autograd formula): ``_run_sla`` with resolved settings given as their fields; the exact
+    keys (``exact_k``, ``exact_v`` in q's layout, ``exact_mask`` [B, T] bool) are None when there are none."""
     settings = _from_fields(
         quantized, feature_map, linear_scope, block_q, block_k, sm_scale, tensor_layout, compute_dtype, pv_precision,
         backend,
     )  # fmt: skip
-    return _run_sla(q, k, v, proj_weight, proj_bias, topk, settings)
+    return _run_sla(q, k, v, proj_weight, proj_bias, exact_k, exact_v, exact_mask, topk, settings)
 
 
 @sparse_linear_attn_op.register_fake
@@ -231,18 +259,21 @@ def _(q, k, v, proj_weight, proj_bias, *args) -> torch.Tensor:
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _train_sla(q, k, v, proj_weight, proj_bias, topk: float, settings: SLASettings) -> torch.Tensor:
+def _train_sla(
+    q, k, v, proj_weight, proj_bias, exact_k, exact_v, exact_mask, topk: float, settings: SLASettings
+) -> torch.Tensor:
     """A call that needs gradients (SLA, resolved settings): differentiable on every backend.
 
-    The torch reference is differentiable as it stands. The trainable Triton path returns its autograd output
-    itself (NHD as a transposed view of it), so the caller holds the tensor autograd saves rather than a copy; it is
-    built of custom ops with autograd registered, which torch.compile traces without a graph break.
+    The torch reference is differentiable as it stands, exact keys included (the trainable Triton path takes none:
+    ``triton_unsupported_reason``). The trainable Triton path returns its autograd output itself (NHD as a
+    transposed view of it), so the caller holds the tensor autograd saves rather than a copy; it is built of custom
+    ops with autograd registered, which torch.compile traces without a graph break.
     """
     if settings.backend == "torch" or q.numel() == 0:
-        return _run_sla(q, k, v, proj_weight, proj_bias, topk, settings)
+        return _run_sla(q, k, v, proj_weight, proj_bias, exact_k, exact_v, exact_mask, topk, settings)
     from sagesla.kernels.sla_train import sla_train
 
-    hnd = [x.to(settings.compute_dtype) for x in _hnd_views(q, k, v, settings.tensor_layout)]
+    hnd = [x.to(settings.compute_dtype) for x in _hnd_views(settings.tensor_layout, q, k, v)]
     o, _ = sla_train(*hnd, **_pipeline_arguments(topk, settings, proj_weight, proj_bias))
     o = o.to(q.dtype)
     return o if settings.tensor_layout == "HND" else o.transpose(1, 2)

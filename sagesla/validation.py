@@ -16,8 +16,8 @@ COMPUTE_DTYPES = (torch.float16, torch.bfloat16)
 PROJ_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _shape_letters(layout: str) -> str:
-    return "[B, H, L, D]" if layout == "HND" else "[B, L, H, D]"
+def _shape_letters(layout: str, tokens: str = "L") -> str:
+    return f"[B, H, {tokens}, D]" if layout == "HND" else f"[B, {tokens}, H, D]"
 
 
 def is_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
@@ -117,19 +117,66 @@ def check_proj(proj_weight: object, proj_bias: object, head_dim: int, device: to
             raise ValueError(f"`{name}` must be on the device of `q` ({device}), got {x.device}")
 
 
+def check_exact(exact_kv: object, exact_mask: object, q: torch.Tensor, tensor_layout: str) -> None:
+    """exact_kv: None or a (k, v) pair of tensors [B, H, T, D] ([B, T, H, D] for "NHD") with q's B, H, D, dtype and
+    device, any T >= 0; exact_mask: None or [B, T] bool on q's device, only with exact_kv. ``q`` is checked."""
+    if exact_kv is None:
+        if exact_mask is not None:
+            raise ValueError("`exact_mask` was given without `exact_kv`")
+        return
+    letters = _shape_letters(tensor_layout, "T")
+    if not isinstance(exact_kv, (tuple, list)) or len(exact_kv) != 2:
+        kind = type(exact_kv).__name__
+        if isinstance(exact_kv, (tuple, list)):
+            kind += f" of length {len(exact_kv)}"
+        raise TypeError(f"`exact_kv` must be a (k, v) pair of torch.Tensor {letters}, got {kind}")
+    token_dim = 2 if tensor_layout == "HND" else 1
+    others = q.shape[:token_dim] + q.shape[token_dim + 1 :]
+    for name, x in zip(("exact_kv[0]", "exact_kv[1]"), exact_kv, strict=True):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor {letters}, got {type(x).__name__}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+        _check_has_data(name, x)
+        if x.dim() != 4 or x.shape[:token_dim] + x.shape[token_dim + 1 :] != others:
+            raise ValueError(
+                f"`{name}` must have shape {letters} for tensor_layout={tensor_layout!r}, with the B, H, D of `q` "
+                f"{tuple(q.shape)}, got {tuple(x.shape)}"
+            )
+    k_x, v_x = exact_kv
+    if v_x.shape != k_x.shape:
+        raise ValueError(
+            f"`exact_kv[1]` must have the shape of `exact_kv[0]` {tuple(k_x.shape)}, got {tuple(v_x.shape)}"
+        )
+    if exact_mask is None:
+        return
+    shape = (q.shape[0], k_x.shape[token_dim])
+    if not isinstance(exact_mask, torch.Tensor) or exact_mask.dtype != torch.bool:
+        kind = f"{exact_mask.dtype} tensor" if isinstance(exact_mask, torch.Tensor) else type(exact_mask).__name__
+        raise TypeError(
+            f"`exact_mask` must be None or a torch.bool tensor [B, T] = {shape} (True = attend), got {kind}"
+        )
+    if tuple(exact_mask.shape) != shape:
+        raise ValueError(f"`exact_mask` must have shape [B, T] = {shape}, got {tuple(exact_mask.shape)}")
+    if exact_mask.device != q.device:
+        raise ValueError(f"`exact_mask` must be on the device of `q` ({q.device}), got {exact_mask.device}")
+
+
 def _check_has_data(name: str, x: torch.Tensor) -> None:
     """Meta tensors (a model built under ``init_empty_weights`` or on ``device="meta"``) hold no values."""
     if x.is_meta:
         raise ValueError(f"`{name}` is a meta tensor (shape only, no data); load or materialise it first")
 
 
-def refuse_gradients(q, k, v, proj_weight, proj_bias) -> None:
+def refuse_gradients(q, k, v, proj_weight, proj_bias, exact_k=None, exact_v=None) -> None:
     """Raise for a quantized call whose inputs require grad (called with grad mode on)."""
-    names = [
-        name
-        for name, x in (("q", q), ("k", k), ("v", v), ("proj_weight", proj_weight), ("proj_bias", proj_bias))
-        if x is not None and x.requires_grad
-    ]
+    tensors = (
+        ("q", q), ("k", k), ("v", v), ("proj_weight", proj_weight), ("proj_bias", proj_bias),
+        ("exact_kv[0]", exact_k), ("exact_kv[1]", exact_v),
+    )  # fmt: skip
+    names = [name for name, x in tensors if x is not None and x.requires_grad]
     raise RuntimeError(
         f"quantized=True (SageSLA) is inference-only and records no gradients, but {', '.join(names)} require(s) "
         "grad: run it under torch.no_grad() or torch.inference_mode(), or train with quantized=False "
@@ -137,9 +184,15 @@ def refuse_gradients(q, k, v, proj_weight, proj_bias) -> None:
     )
 
 
-def check_finite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_finite(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    exact_k: torch.Tensor | None = None,
+    exact_v: torch.Tensor | None = None,
+) -> None:
     """Raise if any input holds NaN or Inf (synchronizes with the device: opt-in only)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not bool(torch.isfinite(x).all()):
+    for name, x in (("q", q), ("k", k), ("v", v), ("exact_kv[0]", exact_k), ("exact_kv[1]", exact_v)):
+        if x is not None and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"`{name}` holds {bad} NaN/Inf value(s); check_inputs=True rejects non-finite inputs")

@@ -17,12 +17,16 @@ def _qkv(shape, dtype=torch.bfloat16, device="cpu", seed=0):
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
 @pytest.mark.parametrize("quantized", [True, False])
-def test_opcheck(layout, quantized):
+@pytest.mark.parametrize("exact", [False, True], ids=["no-exact", "exact-keys"])
+def test_opcheck(layout, quantized, exact):
     """Schema, fake (meta) implementation and dispatch of the custom op pass torch.library.opcheck."""
     q, k, v = _qkv((1, 2, 150, 64) if layout == "HND" else (1, 150, 2, 64))
     proj = (torch.randn(64, 64) * 0.05, torch.randn(64) * 0.05)
-    args = (q, k, v, *proj, 0.3, quantized, "softmax", "all", 64, 64, 0.125, layout, torch.bfloat16, "fp8", "torch")
-    torch.library.opcheck(ops.sparse_linear_attn_op, args)
+    extra = (None, None, None)
+    if exact:
+        extra = (*_qkv((1, 2, 7, 64) if layout == "HND" else (1, 7, 2, 64), seed=1)[:2], torch.rand(1, 7) < 0.5)
+    settings = (0.3, quantized, "softmax", "all", 64, 64, 0.125, layout, torch.bfloat16, "fp8", "torch")
+    torch.library.opcheck(ops.sparse_linear_attn_op, (q, k, v, *proj, *extra, *settings))
 
 
 def test_fake_output_matches_real():
@@ -45,6 +49,23 @@ def test_functional_compiles_without_graph_breaks():
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), rtol=0, atol=0)
+
+
+def test_exact_keys_compile_without_graph_breaks():
+    """Joint text + video attention: the exact keys and their mask travel through the op, one graph."""
+    q, k, v = _qkv((1, 200, 2, 64))
+    k_x, v_x = _qkv((1, 9, 2, 64), seed=1)[:2]
+    mask = torch.arange(9)[None] < 6
+
+    def attend(q, k, v, k_x, v_x, mask):
+        return sagesla.sparse_linear_attn(
+            q, k, v, topk=0.3, tensor_layout="NHD", exact_kv=(k_x, v_x), exact_mask=mask, **CPU_OK
+        )
+
+    explained = torch._dynamo.explain(attend)(q, k, v, k_x, v_x, mask)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, k_x, v_x, mask), attend(q, k, v, k_x, v_x, mask), rtol=0, atol=0)
 
 
 def test_calls_needing_gradients_bypass_the_op():

@@ -82,7 +82,7 @@ def test_triton_forced_but_unavailable_raises_not_implemented():
 
 def test_auto_on_cuda_falls_back_to_torch_and_logs_why(monkeypatch, caplog):
     """On a CUDA tensor the Triton kernels cannot serve, "auto" runs the torch reference and logs the reason."""
-    monkeypatch.setattr(ops, "triton_unsupported_reason", lambda *args: "head_dim 320 > 256 (test)")
+    monkeypatch.setattr(ops, "triton_unsupported_reason", lambda *args, **kwargs: "head_dim 320 > 256 (test)")
     cuda_like = SimpleNamespace(device=torch.device("cuda"))
     with caplog.at_level(logging.INFO, logger="sagesla"):
         assert ops.resolve_backend(cuda_like, SLASettings(block_q=64, block_k=128, pv_precision="fp8")) == "torch"
