@@ -15,9 +15,9 @@ from sagesla.settings import SLASettings
 
 
 def _is_patched(model: nn.Module) -> bool:
-    from sagesla.patching.wan import SLAWanAttnProcessor
+    from sagesla.patching.processor import SLAProcessor
 
-    return any(isinstance(processor, SLAWanAttnProcessor) for processor in model.attn_processors.values())
+    return any(isinstance(getattr(module, "processor", None), SLAProcessor) for module in model.modules())
 
 
 def _record_steps(steps: int, record_steps: Sequence[int] | None) -> list[int]:

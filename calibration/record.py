@@ -16,6 +16,7 @@ from torch import nn
 import sagesla
 from sagesla import validation
 from sagesla.kernels.block_select_ref import num_selected_blocks
+from sagesla.patching.checkpoints import SLA_ATTRIBUTE
 from sagesla.patching.patch import components
 from sagesla.patching.timesteps import TimestepTracker
 from sagesla.profile import LayerSpec, Measurements
@@ -45,6 +46,7 @@ def candidate_errors(
     dense: torch.Tensor,
     candidates: Sequence[float],
     kept: Sequence[int],
+    **exact: object,
 ) -> dict[str, torch.Tensor]:
     """Errors of ``sla`` at each candidate topk against ``dense``, for one attention call.
 
@@ -56,6 +58,8 @@ def candidate_errors(
         dense: (B, S, H, D) dense attention of the same call.
         candidates: NC topk values.
         kept: for each candidate, the key blocks it keeps per query block.
+        exact: a joint text+video call's ``exact_kv`` / ``exact_mask`` (the text keys every query attends), handed
+            to ``sla`` with each candidate.
     Returns:
         {"rel_l1", "cosine": [NC, B] fp32 over a batch row; "head_rel_l1", "head_cosine": [NC, B, H] per head}.
     """
@@ -64,7 +68,7 @@ def candidate_errors(
     by_count: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for topk, blocks in zip(candidates, kept, strict=True):
         if blocks not in by_count:
-            out = sla(query, key, value, topk=topk).float()
+            out = sla(query, key, value, topk=topk, **exact).float()
             by_count[blocks] = (
                 (out - ref).abs().sum(dim=(1, 3)),
                 (out * ref).sum(dim=(1, 3)),
@@ -195,15 +199,15 @@ class Recording:
 
     def _find_processors(self) -> list[tuple[LayerSpec, object]]:
         """(fingerprint entry, processor) of every SLA layer; sets ``attention`` and the device."""
-        from sagesla.patching import wan
+        from sagesla.patching import families
 
         found, settings = [], set()
         for prefix, model in components(self.target):
             self._device = next(model.parameters()).device
             for name, module in model.named_modules():
-                if isinstance(getattr(module, "processor", None), wan.SLAWanAttnProcessor):
-                    found.append((wan.layer_spec(prefix + name, module), module.processor))
-                    settings.add(getattr(module, wan.SLA_ATTRIBUTE).settings.resolve(self._device))
+                if isinstance(getattr(module, "processor", None), families.SLAProcessor):
+                    found.append((families.layer_spec(prefix + name, module), module.processor))
+                    settings.add(getattr(module, SLA_ATTRIBUTE).settings.resolve(self._device))
         if not found:
             raise ValueError("`model_or_pipeline` has no SLA layer: sagesla.patch it first (any topk)")
         if len(settings) != 1 or len({layer.heads for layer, _ in found}) != 1:
@@ -228,9 +232,17 @@ class Recording:
         self._progress.close()
 
     def _observe(
-        self, layer_name: str, sla: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dense
+        self,
+        layer_name: str,
+        sla: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        dense: torch.Tensor,
+        **exact: object,
     ) -> None:
-        """The processors' observer: one attention call, all tensors (B, S, H, D)."""
+        """The processors' observer: one attention call, all tensors (B, S, H, D); ``exact``: a joint call's text keys
+        (``SLAProcessor``'s observer)."""
         if not self.active:
             return
         bucket = 0 if self._tracker is None else self._tracker.bucket
@@ -239,7 +251,7 @@ class Recording:
         length = query.shape[1]
         key_blocks = -(-length // sla.settings.resolve(query.device).block_k)
         kept = [num_selected_blocks(topk, key_blocks) for topk in self.candidates]
-        errors = candidate_errors(sla, query, key, value, dense, self.candidates, kept)
+        errors = candidate_errors(sla, query, key, value, dense, self.candidates, kept, **exact)
         self._stats[self._names[layer_name]].add(bucket, [1.0 - blocks / key_blocks for blocks in kept], errors)
         self._tokens.add(length)
         self._progress.update()

@@ -2,7 +2,7 @@
 
 Public API: ``SparseLinearAttention`` (trainable SLA), ``SageSparseLinearAttention`` (quantized inference),
 ``sparse_linear_attn`` (functional form), ``SLASettings`` (their settings as one object); ``patch`` / ``unpatch``
-(SLA in diffusers Wan-family models and pipelines; ``dense_timesteps`` for its ``dense_steps``), ``SageSLAConfig``
+(SLA in diffusers video transformers and pipelines; ``dense_timesteps`` for its ``dense_steps``), ``SageSLAConfig``
 + ``apply_sage_sla`` / ``remove_sage_sla`` (the same as a config object, diffusers-style; ``SageSLAConfig.preset``),
 ``load_sla_weights`` / ``save_sla_weights`` (SLA checkpoints). Importing this package imports neither triton nor
 diffusers.

@@ -327,6 +327,16 @@ class Profile:
         """{layer name: topk per timestep bucket}."""
         return {layer.name: tuple(row.tolist()) for layer, row in zip(self.layers, self.topk, strict=True)}
 
+    def dense_layers(self) -> list[str]:
+        """The layers whose ``topk`` is 1.0 in every timestep bucket, in model order.
+
+        Keeping every key block, SLA is slower than dense attention and (quantized) less exact, so
+        ``sagesla.patch`` leaves these layers to diffusers' own attention. A layer at 1.0 in some buckets only is
+        not among them.
+        """
+        every = (self.topk == 1.0).all(dim=1).tolist()
+        return [layer.name for layer, dense in zip(self.layers, every, strict=True) if dense]
+
     def chosen(self, name: str) -> torch.Tensor:
         """Measured tensor ``name`` (e.g. "rel_l1_max") at the chosen topk: [NL, NB], or [NL, NB, H] per head."""
         value = getattr(self.measurements, name)

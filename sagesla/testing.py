@@ -1,7 +1,11 @@
 """Test support: the documented error bounds and tolerances, dense attention oracles, one comparison helper and a
 pipeline runner for either backend and layout (the benchmarks' accuracy checks use the oracles too)."""
 
+import dataclasses
+import importlib.util
+import pathlib
 import threading
+import types
 from collections.abc import Callable, Sequence
 
 import torch
@@ -162,11 +166,65 @@ def run_forward(
     return out, lut
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """A tiny random diffusers model of one class SLA patches, its inputs and what ``patch`` reports of its layers.
+
+    Attributes:
+        model: the diffusers class name.
+        config: its constructor's keywords.
+        inputs: builds the forward's keywords (fresh random tensors).
+        self_attention: the layers SLA serves (``PatchReport.replaced``).
+        skipped: {layer: reason} ``PatchReport.skipped`` lists.
+        tolerance: rel-L1 of the output at topk=1.0 (SLA, bf16, zero ``proj_l``) against the unpatched model.
+    """
+
+    model: str
+    config: dict
+    inputs: Callable[[], dict]
+    self_attention: tuple[str, ...]
+    skipped: dict[str, str]
+    tolerance: float = 1e-4
+
+    def build(self) -> torch.nn.Module:
+        import diffusers
+
+        return getattr(diffusers, self.model)(**self.config).eval()
+
+
+def run_model(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """The first output of a diffusers transformer's forward without gradients (a list of tensors stacked)."""
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)[0]
+    return torch.stack(out) if isinstance(out, list) else out
+
+
+def load_module(path: pathlib.Path) -> types.ModuleType:
+    """Import a Python file by path (test folders are not packages)."""
+    spec = importlib.util.spec_from_file_location(f"_sagesla_tests_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_families(folder: pathlib.Path) -> dict[str, ModelFamily]:
+    """{id: family} of every ``FAMILIES`` of the Python files in ``folder``."""
+    families: dict[str, ModelFamily] = {}
+    for path in sorted(folder.glob("*.py")):
+        families.update(load_module(path).FAMILIES)
+    return families
+
+
 def sla_processors(model: torch.nn.Module) -> dict[str, object]:
     """{processor name: processor} of a patched diffusers model's SLA layers."""
-    from sagesla.patching.wan import SLAWanAttnProcessor
+    from sagesla.patching.processor import SLAProcessor
 
-    return {name: p for name, p in model.attn_processors.items() if isinstance(p, SLAWanAttnProcessor)}
+    return {name: p for name, p in attention_processors(model).items() if isinstance(p, SLAProcessor)}
+
+
+def attention_processors(model: torch.nn.Module) -> dict[str, object]:
+    """{"<layer>.processor": processor} of every attention layer (diffusers' ``attn_processors``, which Mochi lacks)."""
+    return {f"{name}.processor": m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
 
 
 def first_attn1_output(model: torch.nn.Module, inputs: tuple) -> tuple[torch.Tensor, torch.Tensor]:

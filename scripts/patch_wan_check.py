@@ -18,7 +18,7 @@ import torch
 
 import sagesla
 from sagesla import metrics
-from sagesla.patching.wan import SLAWanAttnProcessor
+from sagesla.testing import sla_processors
 from sagesla.wan_shapes import WAN_SHAPES, WanShape, build_wan, wan_step_inputs
 
 
@@ -60,10 +60,9 @@ def main() -> None:
     print(sagesla.patch(model, topk=args.topk, backend=args.backend))
     patched, patched_ms = step_ms(model, inputs, args.repeats)
     calls: dict[str, list[str]] = {}
-    for processor in model.attn_processors.values():
-        if isinstance(processor, SLAWanAttnProcessor):
-            outcome = processor.last_fallback or f"SLA, sparsity {processor.last_sparsity:.3f}"
-            calls.setdefault(outcome, []).append(processor.layer_name)
+    for processor in sla_processors(model).values():
+        outcome = processor.last_fallback or f"SLA, sparsity {processor.last_sparsity:.3f}"
+        calls.setdefault(outcome, []).append(processor.layer_name)
     for outcome, layers in calls.items():
         print(f"last call of {len(layers)} layer(s): {outcome}")
     print(f"step: dense {dense_ms:.1f} ms, patched {patched_ms:.1f} ms ({dense_ms / patched_ms:.2f}x)")

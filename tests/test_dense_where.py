@@ -1,5 +1,6 @@
 """sagesla.patch(..., dense_layers=..., dense_steps=...): diffusers' own attention in chosen layers and steps."""
 
+import dataclasses
 import types
 
 import pytest
@@ -16,7 +17,8 @@ pytest.importorskip("diffusers")
 
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
-from sagesla.patching.wan import DENSE_STEPS  # noqa: E402
+from sagesla.patching.processor import DENSE_STEPS  # noqa: E402
+from sagesla.patching.report import DENSE_LAYERS, PROFILE_DENSE  # noqa: E402
 
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 CROSS = ["blocks.0.attn2", "blocks.1.attn2"]
@@ -342,11 +344,59 @@ def test_profile_without_the_dense_layers_fits_only_with_them_dense(tiny_wan):
     assert report.replaced == {"blocks.0.attn1": 0.5}
 
 
-def test_layers_whose_profile_topk_is_one_everywhere_can_be_served_dense(tiny_wan):
+def test_dense_layers_naming_a_profile_dense_layer_keep_their_reason(tiny_wan):
     profile = bucketed_profile([[1.0, 1.0], [0.3, 1.0]])
-    dense = [name for name, topks in profile.layer_topk().items() if min(topks) == 1.0]
-    report = sagesla.patch(tiny_wan, profile=profile, dense_layers=dense)
+    report = sagesla.patch(tiny_wan, profile=profile, dense_layers=profile.dense_layers())
     assert report.dense_layers == ["blocks.0.attn1"] and report.replaced == {"blocks.1.attn1": 1.0}
+    assert report.skipped["blocks.0.attn1"] == DENSE_LAYERS
+
+
+def test_profile_layers_at_topk_one_in_every_bucket_run_diffusers_attention(tiny_wan):
+    """blocks.0 keeps every key block in both buckets: left unpatched. blocks.1 is at 1.0 from t = 500 only: it
+    runs SLA, at topk 1.0 (no block skipped) there."""
+    inputs = wan_inputs()
+    processors = dict(tiny_wan.attn_processors)
+    refs = {t: first_attn1_output(tiny_wan, at(inputs, t))[1] for t in (100.0, 600.0)}
+    profile = bucketed_profile([[1.0, 1.0], [0.25, 1.0]])
+    report = sagesla.patch(tiny_wan, profile=profile)
+    assert report.replaced == {"blocks.1.attn1": 1.0} and report.dense_layers == ["blocks.0.attn1"]
+    assert report.skipped == {**dict.fromkeys(CROSS, CROSS_REASON), "blocks.0.attn1": PROFILE_DENSE}
+    assert f"  skipped 1, {PROFILE_DENSE}: blocks.0.attn1" in str(report).splitlines()
+    attn = tiny_wan.blocks[0].attn1
+    assert attn.processor is processors["blocks.0.attn1.processor"] and type(attn.processor) is WanAttnProcessor
+    assert not hasattr(attn, "sla") and list(sla_processors(tiny_wan)) == ["blocks.1.attn1.processor"]
+    processor = tiny_wan.blocks[1].attn1.processor
+    for t, sparsity in ((100.0, 3 / 4), (600.0, 0.0)):
+        assert torch.equal(first_attn1_output(tiny_wan, at(inputs, t))[1], refs[t]), t
+        assert processor.last_sparsity == sparsity, t
+    assert sagesla.unpatch(tiny_wan) == ["blocks.1.attn1"]
+    # The same through a SageSLAConfig, which goes through patch.
+    report = sagesla.apply_sage_sla(tiny_wan, sagesla.SageSLAConfig(profile=profile))
+    assert report.skipped["blocks.0.attn1"] == PROFILE_DENSE and list(report.replaced) == ["blocks.1.attn1"]
+
+
+def test_profile_dense_in_every_layer_patches_nothing_and_says_so(tiny_wan):
+    inputs = wan_inputs()
+    processors = dict(tiny_wan.attn_processors)
+    refs = {t: run_wan(tiny_wan, at(inputs, t)) for t in (100.0, 600.0)}
+    profile = bucketed_profile([[1.0, 1.0], [1.0, 1.0]])
+    # No candidate met the budget in blocks.1 below t = 500: it runs dense, not "the largest" candidate.
+    profile = dataclasses.replace(profile, met=torch.tensor([[True, True], [False, True]]))
+    report = sagesla.patch(tiny_wan, profile=profile)
+    assert report.replaced == {} and report.dense_layers == LAYERS
+    lines = str(report).splitlines()
+    assert lines[0] == "sagesla.patch: 0 layer(s) -> SageSparseLinearAttention (backend='auto')"
+    assert f"  skipped 2, {PROFILE_DENSE}: blocks.0.attn1, blocks.1.attn1" in lines
+    assert not any("at no candidate" in note for note in report.notes)
+    assert tiny_wan.attn_processors == processors and not tiny_wan._forward_pre_hooks
+    for t, ref in refs.items():
+        assert torch.equal(run_wan(tiny_wan, at(inputs, t)), ref), t
+    assert sagesla.unpatch(tiny_wan) == []
+
+
+def test_mapping_profile_at_topk_one_runs_sla_as_asked(tiny_wan):
+    report = sagesla.patch(tiny_wan, profile={"blocks.0.attn1": 1.0, "blocks.1.attn1": 1.0})
+    assert report.replaced == dict.fromkeys(LAYERS, 1.0) and report.dense_layers == []
 
 
 # -- threads and torch.compile -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ pytest.importorskip("diffusers")
 from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig  # noqa: E402
 
 from sagesla.parallel import enable_ulysses  # noqa: E402
+from sagesla.patching.processor import Projected  # noqa: E402
 
 
 @pytest.fixture
@@ -115,13 +116,13 @@ def test_ring_attention_calls_fall_back(tiny_wan):
     sagesla.patch(tiny_wan, topk=0.5)
     processor, sla = tiny_wan.blocks[0].attn1.processor, tiny_wan.blocks[0].attn1.sla
     q = k = v = torch.randn(1, 256, 2, 64)
-    assert processor._fallback_reason(sla, q, k, v, None) is None
+    assert processor._fallback_reason(sla, Projected(q, k, v)) is None
     processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=2))
     assert processor.original._parallel_config is processor._parallel_config
-    assert processor._fallback_reason(sla, q, k, v, None).startswith("ring attention is on")
+    assert processor._fallback_reason(sla, Projected(q, k, v)).startswith("ring attention is on")
     # Under Ulysses each rank holds S / N tokens: 64 of them are 128 tokens of the sequence SLA sees, one block.
     processor._parallel_config = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2))
-    assert processor._fallback_reason(sla, q[:, :64], k[:, :64], v[:, :64], None) is None
+    assert processor._fallback_reason(sla, Projected(q[:, :64], k[:, :64], v[:, :64])) is None
 
 
 def test_enable_ulysses_needs_torch_distributed(tiny_wan):

@@ -284,12 +284,12 @@ def test_bad_arguments(tiny_wan, kwargs, error, message):
 @pytest.mark.parametrize(
     "target,message",
     [
-        (object(), r"`model_or_pipeline` must be a diffusers Wan model .* got object"),
-        (torch.nn.Linear(2, 2), r"`model_or_pipeline` must be a diffusers model built of WanAttention .*got Linear"),
+        (object(), r"`model_or_pipeline` must be a diffusers video transformer .* or a pipeline .* got object"),
+        (torch.nn.Linear(2, 2), r"`model_or_pipeline` must be a diffusers video transformer whose .*got Linear"),
         (types.SimpleNamespace(transformer="x"), r"`model_or_pipeline.transformer` must be a torch.nn.Module, got str"),
         (
             types.SimpleNamespace(transformer=torch.nn.Linear(2, 2)),
-            r"`model_or_pipeline.transformer` must be a diffusers model built of WanAttention layers .*got Linear",
+            r"`model_or_pipeline.transformer` must be a diffusers video transformer whose .*got Linear",
         ),
     ],
     ids=["object", "linear", "pipeline-str", "pipeline-linear"],
@@ -309,5 +309,5 @@ def test_missing_diffusers_raises_with_install_hint(tiny_wan, monkeypatch):
 
 
 def test_readme_example_runs(run_readme_example):
-    printed = run_readme_example("## Patch a Wan model")
+    printed = run_readme_example("## Patch a model")
     assert "replaced 2, topk 0.25: blocks.0.attn1, blocks.1.attn1" in printed and "\n0.75\n" in printed

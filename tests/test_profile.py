@@ -112,6 +112,22 @@ def test_round_trip_and_digest_ignores_only_layout(saved, tmp_path):
     assert load_profile(relaid)._header() == original._header()
 
 
+def test_dense_layers_are_the_layers_at_topk_one_in_every_bucket(saved, tmp_path):
+    # make_profile's blocks.1 is at 1.0 below t = 500 only: not dense.
+    assert load_profile(saved).dense_layers() == [] and make_profile().layer_topk()["blocks.1.attn1"] == (1.0, 0.5)
+    generator = torch.Generator().manual_seed(1)
+    measurements = synthetic_measurements(torch.rand(4, 2, 3, 2, generator=generator), CANDIDATES, SETTINGS, EDGES)
+    topk = torch.tensor([[1.0, 1.0], [0.5, 1.0], [1.0, 0.1], [1.0, 1.0]], dtype=torch.float64)
+    mixed = Profile(
+        measurements, Selection("rel_l1", 0.4), topk, topk.unsqueeze(-1).repeat(1, 1, 2), torch.ones(4, 2, dtype=bool)
+    )
+    assert mixed.dense_layers() == ["blocks.0.attn1", "blocks.3.attn1"]
+    # Derived from topk: the file holds nothing more, and reads back the same.
+    mixed.save(tmp_path / "mixed.safetensors")
+    assert sorted(stored(tmp_path / "mixed.safetensors")[1]) == sorted(profile_module.TENSORS)
+    assert load_profile(tmp_path / "mixed.safetensors").dense_layers() == ["blocks.0.attn1", "blocks.3.attn1"]
+
+
 def _edit(path: str, value):
     """A change setting the header field at ``path`` ("selection.budget", "layers.0.1") to ``value``."""
     *parents, last = path.split(".")

@@ -1,4 +1,4 @@
-"""Patching trained models: SLA in place of the self-attention of diffusers Wan-family models, and SLA checkpoints.
+"""Patching trained models: SLA in place of the self-attention of diffusers video transformers, and SLA checkpoints.
 
 ``dense_timesteps`` gives the timestep ranges of a sampler's first / last steps for ``patch(..., dense_steps=...)``.
 

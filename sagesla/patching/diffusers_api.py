@@ -1,10 +1,11 @@
 """Every diffusers name and attribute ``sagesla.patch`` relies on, in one place.
 
-The Wan-family attention processors, their ``_get_qkv_projections`` helpers and diffusers' attention dispatch and
-context-parallel internals are private API that moves between diffusers releases. ``resolve()`` imports every name
-listed here and, when one has moved, raises ImportError listing each one that did, with the installed diffusers
-version and the tested range: an upgrade fails loudly at ``sagesla.patch`` instead of patching wrongly.
-``tests/test_wan_family.py`` checks the names and the attributes against the installed diffusers.
+The attention processors SLA reproduces (by family), the Wan family's ``_get_qkv_projections`` helpers and
+diffusers' attention dispatch and context-parallel internals are private API that moves between diffusers
+releases. ``resolve()`` imports every name listed here and, when one has moved, raises ImportError listing each one
+that did, with the installed diffusers version and the tested range: an upgrade fails loudly at ``sagesla.patch``
+instead of patching wrongly. ``tests/test_wan_family.py`` and ``tests/test_model_families.py`` check the names and
+the attributes against the installed diffusers.
 
 Importing this module does not import diffusers; ``resolve()`` does.
 """
@@ -24,14 +25,12 @@ TESTED_FROM = (0, 37)
 TESTED_BELOW = (0, 43)
 TESTED_DIFFUSERS = f">={TESTED_FROM[0]}.{TESTED_FROM[1]},<{TESTED_BELOW[0]}.{TESTED_BELOW[1]}"
 
-_TRANSFORMERS = "diffusers.models.transformers"
-
 _DISPATCH = "diffusers.models.attention_dispatch"
 _PARALLEL = "diffusers.models._modeling_parallel"
 
 # Names every supported release has: {name: (module, attribute)}.
 CORE = {
-    # The dense attention of every Wan-family processor; the SLA processor's dense fallback and calibration path.
+    # The dense attention of the processors that dispatch (Wan, LTX, HunyuanVideo), hence of their SLA processors.
     "dispatch_attention_fn": (_DISPATCH, "dispatch_attention_fn"),
     # Ulysses all-to-all around SLA under context parallelism.
     "_templated_context_parallel_attention": (_DISPATCH, "_templated_context_parallel_attention"),
@@ -44,29 +43,32 @@ CORE = {
 
 @dataclass(frozen=True)
 class Processor:
-    """A Wan-family attention processor (its self-attention path) and how ``sagesla.patch`` treats its layers.
+    """A diffusers attention processor and how ``sagesla.patch`` treats its layers.
 
     Attributes:
-        module: the module under ``diffusers.models.transformers`` that defines it (its own copy of the Wan code).
+        module: the module under ``diffusers.models`` that defines it (``transformers.transformer_wan``, ...).
         name: its class name there.
         since: the first diffusers release whose module defines it; before it the module may be absent (that
             diffusers has no such model), from it on an absent name has moved.
-        qkv: the module's q/k/v projection helper, which the SLA processor calls as the processor does; None where
-            SLA cannot serve the processor.
-        skipped: why its self-attention layers stay as they are (then ``qkv`` is None).
-        models: the diffusers models whose self-attention runs it.
+        family: the SLA processor family that reproduces it ("wan", "ltx", ...: ``family`` of the SLA processor
+            classes).
+        qkv: the module's q/k/v projection helper, which the SLA processor calls as the processor does (the Wan
+            family's ``_get_qkv_projections``), or None.
+        skipped: why its self-attention layers stay as they are (SLA cannot reproduce it), or None.
+        models: the diffusers models whose attention runs it.
     """
 
     module: str
     name: str
     since: tuple[int, int]
-    qkv: str | None
+    family: str
+    qkv: str | None = None
     skipped: str | None = None
     models: tuple[str, ...] = ()
 
     @property
     def path(self) -> str:
-        return f"{_TRANSFORMERS}.{self.module}"
+        return f"diffusers.models.{self.module}"
 
 
 # Each served processor computes, for a self-attention call: ``_get_qkv_projections`` (separate or fused q/k/v),
@@ -75,56 +77,128 @@ class Processor:
 # ``to_out[0]``, ``to_out[1]``; image keys (I2V) only in cross-attention. ``SLAWanAttnProcessor`` reproduces that.
 PROCESSORS = (
     Processor(
-        "transformer_wan",
+        "transformers.transformer_wan",
         "WanAttnProcessor",
         (0, 35),
+        "wan",
         "_get_qkv_projections",
         models=("WanTransformer3DModel", "WanVACETransformer3DModel"),
     ),
     Processor(
-        "transformer_wan_animate",
+        "transformers.transformer_wan_animate",
         "WanAttnProcessor",
         (0, 36),
+        "wan",
         "_get_qkv_projections",
         models=("WanAnimateTransformer3DModel",),
     ),
     Processor(
-        "transformer_chronoedit",
+        "transformers.transformer_chronoedit",
         "WanAttnProcessor",
         (0, 36),
+        "wan",
         "_get_qkv_projections",
         models=("ChronoEditTransformer3DModel",),
     ),
     Processor(
-        "transformer_skyreels_v2",
+        "transformers.transformer_skyreels_v2",
         "SkyReelsV2AttnProcessor",
         (0, 36),
+        "wan",
         "_get_qkv_projections",
         models=("SkyReelsV2Transformer3DModel",),
     ),
     Processor(
-        "transformer_wan_animate_2",
+        "transformers.transformer_wan_animate_2",
         "WanAnimate2AttnProcessor",
         (0, 40),
-        None,
+        "wan",
         skipped=(
             "WanAnimate2AttnProcessor attends through a flex BlockMask in its generation pass (each frame also sees "
             "the cached reference keys of its frame); SLA has no masks, so the layer stays dense"
         ),
         models=("WanAnimate2Transformer3DModel",),
     ),
+    # LTX-Video and LTX-2: norm_q / norm_k over all heads, then RoPE, then unflatten; SLA serves the video
+    # self-attention (``attn1``).
+    Processor(
+        "transformers.transformer_ltx", "LTXVideoAttnProcessor", (0, 35), "ltx", models=("LTXVideoTransformer3DModel",)
+    ),
+    Processor(
+        "transformers.transformer_ltx2",
+        "LTX2AudioVideoAttnProcessor",
+        (0, 37),
+        "ltx2",
+        models=("LTX2VideoTransformer3DModel",),
+    ),
+    # perturbed_attn=True (LTX-2.3, LTX-2.5): the same steps, and spatio-temporal guidance's blend of the values with
+    # the attention output.
+    Processor(
+        "transformers.transformer_ltx2",
+        "LTX2PerturbedAttnProcessor",
+        (0, 38),
+        "ltx2_perturbed",
+        models=("LTX2VideoTransformer3DModel",),
+    ),
+    # Joint text+video attention: one softmax over [video; text] tokens.
+    Processor(
+        "transformers.transformer_hunyuan_video",
+        "HunyuanVideoAttnProcessor2_0",
+        (0, 32),
+        "hunyuan_video",
+        models=("HunyuanVideoTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel"),
+    ),
+    Processor(
+        "transformers.transformer_hunyuan_video15",
+        "HunyuanVideo15AttnProcessor2_0",
+        (0, 36),
+        "hunyuan_video15",
+        models=("HunyuanVideo15Transformer3DModel",),
+    ),
+    Processor(
+        "attention_processor",
+        "CogVideoXAttnProcessor2_0",
+        (0, 30),
+        "cogvideox",
+        models=("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel", "CogView3PlusTransformer2DModel"),
+    ),
+    Processor(
+        "attention_processor",
+        "FusedCogVideoXAttnProcessor2_0",
+        (0, 30),
+        "cogvideox",
+        skipped=(
+            "FusedCogVideoXAttnProcessor2_0 projects through the fused to_qkv (fuse_qkv_projections), which SLA does "
+            "not reproduce; unfuse_qkv_projections() brings back CogVideoXAttnProcessor2_0, which it does"
+        ),
+        models=("CogVideoXTransformer3DModel",),
+    ),
+    Processor("attention_processor", "MochiAttnProcessor2_0", (0, 31), "mochi", models=("MochiTransformer3DModel",)),
 )
 
-# Every attention layer of Wan's shape has these; sagesla reads them (``heads``, ``to_q.out_features`` for the head
-# dim, ``is_cross_attention``, ``processor``) or the processors above do (``to_k``, ``to_v``, ``to_out``, norms).
-LAYER_ATTRIBUTES = ("heads", "to_q", "to_k", "to_v", "to_out", "norm_q", "norm_k", "is_cross_attention", "processor")
+# {family: the attributes every attention layer it serves has}: sagesla reads them (``heads``, ``to_q.out_features``
+# for the head dim, ``is_cross_attention``, ``processor``) or the processors above do (``to_k``, ``to_v``,
+# ``to_out``, norms).
+_PROJECTIONS = ("heads", "to_q", "to_k", "to_v", "to_out", "norm_q", "norm_k", "processor")
+_ADDED_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+LAYER_ATTRIBUTES = {
+    "wan": (*_PROJECTIONS, "is_cross_attention"),
+    "ltx": (*_PROJECTIONS, "prepare_attention_mask"),
+    "ltx2": (*_PROJECTIONS, "prepare_attention_mask", "to_gate_logits", "rope_type"),
+    "ltx2_perturbed": (*_PROJECTIONS, "prepare_attention_mask", "to_gate_logits", "rope_type"),
+    "hunyuan_video": (*_PROJECTIONS, *_ADDED_PROJECTIONS),
+    "hunyuan_video15": (*_PROJECTIONS, *_ADDED_PROJECTIONS),
+    "cogvideox": (*_PROJECTIONS, "is_cross_attention", "prepare_attention_mask"),
+    "mochi": (*_PROJECTIONS, *_ADDED_PROJECTIONS),
+}
 # Read where present: the image keys of I2V cross-attention (None or absent in self-attention), and the class's
-# default processor, which marks a layer of a Wan-family model even under a processor set by someone else.
+# default processor, which marks a layer of a served model even under a processor set by someone else.
 OPTIONAL_LAYER_ATTRIBUTES = ("add_k_proj", "_default_processor_cls")
-# Set on every processor by ``set_attention_backend`` / ``enable_parallelism``; the SLA processor forwards them.
-PROCESSOR_ATTRIBUTES = ("_attention_backend", "_parallel_config")
-# Of the transformer: ``patch`` / ``unpatch`` install processors through them.
-MODEL_ATTRIBUTES = ("attn_processors", "set_attn_processor")
+# {family: what its processors have}: ``set_attention_backend`` / ``enable_parallelism`` set these on every
+# processor, and the SLA processor forwards them. CogVideoX's and Mochi's processors call torch's SDPA, not
+# ``dispatch_attention_fn``, and get them only once set.
+_DISPATCHED = ("_attention_backend", "_parallel_config")
+PROCESSOR_ATTRIBUTES = {family: () if family in ("cogvideox", "mochi") else _DISPATCHED for family in LAYER_ATTRIBUTES}
 # Of the processor's ``_parallel_config`` (a ParallelConfig) and its ``context_parallel_config``.
 PARALLEL_CONFIG_ATTRIBUTES = {
     "ParallelConfig": ("context_parallel_config",),
@@ -138,13 +212,16 @@ class Resolved:
 
     Attributes:
         core: {CORE key: object}.
-        served: {processor class: its module's ``_get_qkv_projections``} for the processors SLA serves.
-        skipped: {processor class: why its self-attention layers stay as they are}.
+        served: {processor class: its ``PROCESSORS`` entry} for the processors SLA serves.
+        qkv: {processor class: its module's q/k/v projection helper} where the entry names one.
+        skipped: {processor class: its ``PROCESSORS`` entry} for the processors SLA cannot reproduce (``skipped``
+            says why).
     """
 
     core: dict[str, object]
-    served: dict[type, Callable]
-    skipped: dict[type, str]
+    served: dict[type, Processor]
+    qkv: dict[type, Callable]
+    skipped: dict[type, Processor]
 
 
 def installed_version() -> tuple[int, int] | None:
@@ -185,15 +262,17 @@ def names() -> list[tuple[str, str, tuple[int, int] | None]]:
 
 
 def _lookup(module: str, attribute: str, since: tuple[int, int] | None, version) -> tuple[object, str | None]:
-    """(the object or None, what moved or None). An absent module of a release before ``since`` is no problem."""
+    """(the object or None, what moved or None). An absent module or name of a release before ``since`` is no
+    problem (e.g. ``transformer_ltx2`` of 0.37 has no ``LTX2PerturbedAttnProcessor`` yet)."""
+    early = since is not None and version is not None and version < since
     try:
         found = importlib.import_module(module)
     except ModuleNotFoundError as error:
-        if since is not None and error.name == module and version is not None and version < since:
+        if early and error.name == module:
             return None, None
         return None, f"{module} (cannot import it: {error})"
     if not hasattr(found, attribute):
-        return None, f"{module}.{attribute}"
+        return None, None if early else f"{module}.{attribute}"
     return getattr(found, attribute), None
 
 
@@ -205,7 +284,7 @@ def resolve() -> Resolved:
             installed diffusers version and ``TESTED_DIFFUSERS``.
     """
     version = installed_version()
-    moved, core, served, skipped = [], {}, {}, {}
+    moved, core, served, qkv, skipped = [], {}, {}, {}, {}
     for key, (module, attribute) in CORE.items():
         core[key], problem = _lookup(module, attribute, None, version)
         moved += [problem] if problem else []
@@ -217,10 +296,12 @@ def resolve() -> Resolved:
         moved += [item for item in dict.fromkeys((problem, helper_problem)) if item]
         if processor is None:
             continue
-        if entry.qkv is None:
-            skipped[processor] = entry.skipped
-        elif helper is not None:
-            served[processor] = helper
+        if entry.skipped is not None:
+            skipped[processor] = entry
+        else:
+            served[processor] = entry
+            if helper is not None:
+                qkv[processor] = helper
     if moved:
         shown = "unknown" if version is None else ".".join(map(str, version))
         raise ImportError(
@@ -228,4 +309,4 @@ def resolve() -> Resolved:
             f"(sagesla is tested with diffusers{TESTED_DIFFUSERS}; see sagesla/patching/diffusers_api.py): "
             + "; ".join(moved)
         )
-    return Resolved(core=core, served=served, skipped=skipped)
+    return Resolved(core=core, served=served, qkv=qkv, skipped=skipped)

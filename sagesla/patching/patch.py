@@ -1,4 +1,4 @@
-"""``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers Wan-family models and pipelines."""
+"""``patch`` / ``unpatch``: SLA in place of the self-attention of diffusers video transformers and pipelines."""
 
 import importlib.util
 import inspect
@@ -11,7 +11,8 @@ from torch import nn
 
 from sagesla import validation
 from sagesla.modules import SageSparseLinearAttention, SparseLinearAttention, sla_module
-from sagesla.patching.report import DENSE_LAYERS, PatchReport
+from sagesla.patching.checkpoints import SLA_ATTRIBUTE
+from sagesla.patching.report import DENSE_LAYERS, PROFILE_DENSE, PatchReport
 from sagesla.patching.timesteps import TimestepTracker, check_dense_steps
 from sagesla.profile import CHECKED_SETTINGS, LayerSpec, Profile, ProfileError, load_profile
 from sagesla.settings import SLASettings
@@ -20,13 +21,13 @@ from sagesla.settings import SLASettings
 PIPELINE_COMPONENTS = ("transformer", "transformer_2")
 
 
-def _wan():
-    """``sagesla.patching.wan``, which imports diffusers (an optional dependency)."""
+def _families():
+    """``sagesla.patching.families``, which imports diffusers (an optional dependency)."""
     if importlib.util.find_spec("diffusers") is None:
         raise ImportError("sagesla.patch needs diffusers: pip install 'sagesla[diffusers]'")
-    from sagesla.patching import wan
+    from sagesla.patching import families
 
-    return wan
+    return families
 
 
 def components(model_or_pipeline: object) -> list[tuple[str, nn.Module]]:
@@ -43,17 +44,21 @@ def components(model_or_pipeline: object) -> list[tuple[str, nn.Module]]:
             found.append((f"{attr}.", model))
     if not found:
         raise TypeError(
-            "`model_or_pipeline` must be a diffusers Wan model (e.g. WanTransformer3DModel) or a pipeline with "
+            "`model_or_pipeline` must be a diffusers video transformer (e.g. WanTransformer3DModel) or a pipeline with "
             f"`transformer` / `transformer_2`, got {type(model_or_pipeline).__name__}"
         )
     return found
 
 
 def _set_processors(model: nn.Module, processors: dict[str, object]) -> None:
-    """Install processors by layer name through diffusers' ``set_attn_processor`` (which wants every layer's)."""
-    everything = model.attn_processors
-    everything.update({f"{name}.processor": processor for name, processor in processors.items()})
-    model.set_attn_processor(everything)
+    """Install processors by layer name: the layer's ``set_processor`` (what diffusers' ``set_attn_processor`` calls),
+    or its ``processor`` attribute where it has none (Mochi's attention)."""
+    for name, processor in processors.items():
+        layer = model.get_submodule(name)
+        if hasattr(layer, "set_processor"):
+            layer.set_processor(processor)
+        else:
+            layer.processor = processor
 
 
 def check_patch_arguments(topk, profile, check_finite) -> None:
@@ -171,40 +176,43 @@ def _dense_layers(entries: tuple[str | int, ...] | None, layers: list[LayerSpec]
     return frozenset(chosen)
 
 
-def _survey(components: list[tuple[str, nn.Module]], wan) -> tuple[list, list[LayerSpec], dict[str, str]]:
+def _survey(components: list[tuple[str, nn.Module]], families) -> tuple[list, list[LayerSpec], dict[str, str]]:
     """(layers to patch as (prefix, model, name, module), every self-attention layer SLA serves, {skipped: reason}).
 
-    Layers are chosen by what they compute (``wan.is_self_attention``, ``wan.unserved_reason``), not by class.
+    Layers are chosen by what they compute (their family's ``layer_reason``, ``families.unserved_reason``), not by
+    class.
     """
     targets, self_attention, skipped = [], [], {}
     for prefix, model in components:
-        layers = [(name, module) for name, module in model.named_modules() if wan.is_attention_layer(module)]
-        family = any(wan.is_wan_family(module) for _, module in layers)
-        if not family or not all(hasattr(model, attribute) for attribute in wan.diffusers_api.MODEL_ATTRIBUTES):
+        layers = [(name, module) for name, module in model.named_modules() if hasattr(module, "processor")]
+        known = [families.family_of(module) for _, module in layers]
+        if not any(known):
             where = f"`model_or_pipeline.{prefix[:-1]}`" if prefix else "`model_or_pipeline`"
             raise TypeError(
-                f"{where} must be a diffusers model built of WanAttention layers or a relative's copy of them "
-                "(WanTransformer3DModel, WanVACETransformer3DModel, WanAnimateTransformer3DModel, "
-                f"ChronoEditTransformer3DModel, SkyReelsV2Transformer3DModel, ...), got {type(model).__name__}"
+                f"{where} must be a diffusers video transformer whose attention SLA serves ({families.MODELS}), got "
+                f"{type(model).__name__}"
             )
-        for name, module in layers:
-            if not wan.is_self_attention(module):
-                skipped[prefix + name] = wan.CROSS_ATTENTION
-            elif isinstance(module.processor, wan.SLAWanAttnProcessor):
-                self_attention.append(wan.layer_spec(prefix + name, module))
+        # A layer of a processor no family knows (e.g. Wan-Animate's face adapter) is judged as its model's.
+        model_family = next(family for family in known if family)
+        for (name, module), family in zip(layers, known, strict=True):
+            if (reason := families.SLA_PROCESSORS[family or model_family].layer_reason(name, module)) is not None:
+                skipped[prefix + name] = reason
+            elif isinstance(module.processor, families.SLAProcessor):
+                self_attention.append(families.layer_spec(prefix + name, module))
                 skipped[prefix + name] = "already patched (sagesla.unpatch first to change its settings)"
-            elif (reason := wan.unserved_reason(module)) is not None:
+            elif (reason := families.unserved_reason(module)) is not None:
                 skipped[prefix + name] = reason
             else:
-                self_attention.append(wan.layer_spec(prefix + name, module))
+                self_attention.append(families.layer_spec(prefix + name, module))
                 targets.append((prefix, model, name, module))
     return targets, self_attention, skipped
 
 
 def _fit_profile(
     profile: Profile, model_class: str, layers: list[LayerSpec], settings: SLASettings, dense: frozenset[str]
-) -> tuple[list, dict]:
-    """Check ``profile`` against the model and patch settings; returns (report notes, {layer: topk per bucket}).
+) -> tuple[list, dict, frozenset[str]]:
+    """Check ``profile`` against the model and patch settings; returns (report notes, {layer: topk per bucket},
+    the layers it keeps at topk 1.0 in every bucket that ``dense`` does not name: they run dense too).
 
     The blocks are checked where ``settings`` gives them (None takes the profile's). A layer in ``dense`` need not
     be in the profile (one calibrated with it dense has no entry for it); where it is, it must fit.
@@ -214,7 +222,10 @@ def _fit_profile(
     layers = [layer for layer in layers if layer.name not in dense or layer.name in named]
     profile.check_fits(model_class, layers, {name: value for name, value in checked.items() if value is not None})
     selection, attention = profile.selection, profile.measurements.attention
-    short = int((~profile.met).sum())
+    profile_dense = frozenset(profile.dense_layers()) - dense
+    # A setting of a layer that runs dense runs no candidate.
+    running = torch.tensor([layer.name not in dense | profile_dense for layer in profile.layers])
+    short = int((~profile.met & running[:, None]).sum())
     notes = [
         f"profile: {selection.metric} budget {selection.budget:g}{' per head' if selection.per_head else ''}, "
         f"blocks {attention.block_q}x{attention.block_k}"
@@ -229,7 +240,7 @@ def _fit_profile(
         notes.append(
             f"topk follows the timestep bucket (edges {list(profile.bucket_edges)}); listed: each layer's largest"
         )
-    return notes, profile.layer_topk()
+    return notes, profile.layer_topk(), profile_dense
 
 
 def patch(
@@ -250,22 +261,24 @@ def patch(
     settings: SLASettings | None = None,
     check_finite: bool = False,
 ) -> PatchReport:
-    """Replace the self-attention of a diffusers Wan-family model, or of each transformer of a pipeline, by SLA.
+    """Replace the self-attention of a diffusers video transformer, or of each transformer of a pipeline, by SLA.
 
-    In place. Every self-attention layer whose processor SLA reproduces (``blocks.{i}.attn1`` of Wan T2V/I2V,
-    VACE (``vace_blocks`` too), Animate, ChronoEdit and SkyReels-V2: see ``diffusers_api.PROCESSORS``) gets an SLA
-    module as its submodule ``sla`` (state-dict keys ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and ``.bias``
-    [D], fp32, zero: load trained ones with ``sagesla.load_sla_weights``) and a processor (``SLAWanAttnProcessor``,
-    installed with diffusers' ``set_attn_processor``) that keeps diffusers' projections, QK-norm and RoPE and runs
-    SLA for the attention. Cross-attention (``attn2``) stays as it is, and so does a self-attention layer whose
-    processor computes what SLA cannot (Wan-Animate-2's masked generation pass), reported in ``skipped``. A call
-    SLA cannot serve (an attention mask, a sequence shorter than one block, a dtype or head_dim the backend cannot
-    serve, ...) runs diffusers' dense attention instead and logs the reason once per layer on the "sagesla" logger.
+    In place. Every attention layer SLA serves (the self-attention of Wan, VACE, Animate, ChronoEdit, SkyReels-V2,
+    LTX-Video and LTX-2; the joint text+video attention of HunyuanVideo 1 / 1.5, CogVideoX and Mochi: see
+    docs/patching.md and ``diffusers_api.PROCESSORS``) gets an SLA module as its submodule ``sla`` (state-dict keys
+    ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and ``.bias`` [D], fp32, zero: load trained ones with
+    ``sagesla.load_sla_weights``) and the SLA processor of its family (``SLAWanAttnProcessor``, ...), which keeps
+    diffusers' projections, QK-norm and RoPE and runs SLA for the attention; in a joint layer the video queries
+    attend their selected video blocks plus every attended text token, the text queries attend densely.
+    Cross-attention stays as it is, and so does a layer whose processor computes what SLA cannot (Wan-Animate-2's
+    masked generation pass), reported in ``skipped``. A call SLA cannot serve (an attention mask, a sequence
+    shorter than one block, a dtype or head_dim the backend cannot serve, ...) runs diffusers' dense attention
+    instead and logs the reason once per layer on the "sagesla" logger.
 
     Args:
-        model_or_pipeline: a diffusers Wan-family transformer (``WanTransformer3DModel``,
-            ``WanVACETransformer3DModel``, ``WanAnimateTransformer3DModel``, ``ChronoEditTransformer3DModel``,
-            ``SkyReelsV2Transformer3DModel``, ...), or a pipeline whose ``transformer`` / ``transformer_2`` are
+        model_or_pipeline: a diffusers video transformer of a served family (``WanTransformer3DModel``,
+            ``LTXVideoTransformer3DModel``, ``HunyuanVideoTransformer3DModel``, ``CogVideoXTransformer3DModel``,
+            ``MochiTransformer3DModel``, ...), or a pipeline whose ``transformer`` / ``transformer_2`` are
             (both are patched; Wan2.2 A14B has two).
         topk: fraction of key blocks each query block keeps, in (0, 1], for every layer.
         profile: instead of ``topk``, {layer name: topk} naming every self-attention layer, e.g.
@@ -273,7 +286,12 @@ def patch(
             calibration ``Profile`` or the path of its file, checked against the model (layers, heads, head_dim)
             and the SLA settings (quantized, linear_scope, feature_map, blocks; blocks default to the profile's).
             With timestep buckets, each forward's timestep picks the topk (a pre-hook on each transformer).
-            ``dense_layers`` and ``dense_steps`` win over it; it need not name the ``dense_layers``.
+            ``dense_layers`` and ``dense_steps`` win over it; it need not name the ``dense_layers``. A layer a
+            ``Profile`` keeps at topk 1.0 in every bucket (``Profile.dense_layers()``) runs diffusers' own
+            attention, as a ``dense_layers`` one does (SLA keeping every key block is slower and, quantized, less
+            exact), reported in ``skipped`` with the reason ``report.PROFILE_DENSE``; a layer at 1.0 in some
+            buckets only runs SLA, at 1.0 in those buckets. A mapping is applied as given: its 1.0 entries run SLA
+            at topk 1.0 (what was asked for explicitly).
         dense_layers: self-attention layers left exactly as they are (diffusers' own attention): layer names as
             the report names them (``"blocks.0.attn1"``; ``"transformer.blocks.0.attn1"`` for a pipeline), and / or
             block indices: an int i stands for every self-attention layer inside ``blocks[i]`` (in each
@@ -296,11 +314,11 @@ def patch(
         check_finite: run dense attention for calls whose q, k or v holds NaN/Inf (one device sync per call).
             Without it such a call gives NaN where dense attention would be non-finite, and possibly in more rows.
     Returns:
-        a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons (``dense_layers``
-        among them), the ``dense_steps`` ranges.
+        a ``PatchReport``: the replaced layers with their topk, the skipped ones with reasons (``dense_layers`` and
+        the profile's dense layers among them), the ``dense_steps`` ranges.
     Raises:
         TypeError / ValueError: invalid arguments (``TypeError`` also for a model with no attention layer of a
-            Wan-family processor); ``ValueError`` also for a profile that misses or adds layers.
+            served processor family); ``ValueError`` also for a profile that misses or adds layers.
         ProfileError: a profile file that cannot be read, or a profile that does not fit (lists every mismatch).
         ImportError: diffusers is not installed, or a diffusers internal the patcher relies on moved (the message
             lists each; ``sagesla.patching.diffusers_api``).
@@ -332,13 +350,15 @@ def patch(
     else:
         settings = settings.replace(tensor_layout="NHD", compute_dtype=settings.compute_dtype or torch.bfloat16)
     parts = components(model_or_pipeline)
-    wan = _wan()
-    targets, self_attention, skipped = _survey(parts, wan)
+    families = _families()
+    targets, self_attention, skipped = _survey(parts, families)
     dense = _dense_layers(dense_layers, self_attention, skipped)
-    notes, bucket_topk, edges = [], {}, ()
+    notes, bucket_topk, edges, profile_dense = [], {}, (), frozenset()
     if isinstance(profile, Profile):
         try:
-            notes, by_layer = _fit_profile(profile, type(model_or_pipeline).__name__, self_attention, settings, dense)
+            notes, by_layer, profile_dense = _fit_profile(
+                profile, type(model_or_pipeline).__name__, self_attention, settings, dense
+            )
         except ProfileError as error:
             raise (ProfileError(f"{source!r}: {error}") if source else error) from None
         recorded = profile.measurements.attention
@@ -346,20 +366,23 @@ def patch(
         if profile.bucket_edges:
             edges, bucket_topk = profile.bucket_edges, by_layer
         profile = {name: max(values) for name, values in by_layer.items()}
-    topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile, dense)
+    # The user's dense_layers keep their reason where the profile's name them too.
+    dense_reasons = {**dict.fromkeys(profile_dense, PROFILE_DENSE), **dict.fromkeys(dense, DENSE_LAYERS)}
+    topks = _topk_per_layer([layer.name for layer in self_attention], topk, profile, frozenset(dense_reasons))
     # One tracker (one pre-hook per transformer) serves the profile's buckets and dense_steps.
     timesteps = TimestepTracker(edges, dense_ranges) if edges or dense_ranges else None
     for prefix, _, name, _ in targets:
-        if prefix + name in dense:
-            skipped[prefix + name] = DENSE_LAYERS
-    targets = [target for target in targets if target[0] + target[2] not in dense]
+        if prefix + name in dense_reasons:
+            skipped[prefix + name] = dense_reasons[prefix + name]
+    targets = [target for target in targets if target[0] + target[2] not in dense_reasons]
 
     # Build everything first, so a failure leaves the model untouched.
     replaced = {prefix + name: topks[prefix + name] for prefix, _, name, _ in targets}
     installs = []
     for prefix, model, name, module in targets:
-        sla = sla_module(wan.head_dim(module), replaced[prefix + name], settings).to(next(module.parameters()).device)
-        processor = wan.SLAWanAttnProcessor(
+        sla = sla_module(families.head_dim(module), replaced[prefix + name], settings)
+        sla = sla.to(next(module.parameters()).device)
+        processor = families.sla_processor(module.processor)(
             module.processor, prefix + name, check_finite, bucket_topk.get(prefix + name), timesteps
         )
         installs.append((model, name, module, sla, processor))
@@ -367,7 +390,7 @@ def patch(
         chosen = {}
         for owner, name, module, sla, processor in installs:
             if owner is model:
-                setattr(module, wan.SLA_ATTRIBUTE, sla)
+                setattr(module, SLA_ATTRIBUTE, sla)
                 chosen[name] = processor
         if chosen:
             _set_processors(model, chosen)
@@ -393,16 +416,16 @@ def unpatch(model_or_pipeline: object) -> list[str]:
 
     Afterwards the model computes exactly what it computed before ``patch``. Returns the restored layer names.
     """
-    wan = _wan()
+    families = _families()
     restored = []
     for prefix, model in components(model_or_pipeline):
         originals = {}
         for name, module in model.named_modules():
-            if isinstance(getattr(module, "processor", None), wan.SLAWanAttnProcessor):
+            if isinstance(getattr(module, "processor", None), families.SLAProcessor):
                 if module.processor.timesteps is not None:
                     module.processor.timesteps.detach()
                 originals[name] = module.processor.original
-                delattr(module, wan.SLA_ATTRIBUTE)
+                delattr(module, SLA_ATTRIBUTE)
                 restored.append(prefix + name)
         if originals:
             _set_processors(model, originals)

@@ -4,6 +4,9 @@ from dataclasses import dataclass
 
 # ``skipped`` reason of the layers ``patch(..., dense_layers=...)`` kept dense.
 DENSE_LAYERS = "dense_layers"
+# ``skipped`` reason of the layers a calibration ``Profile`` keeps at topk 1.0 in every timestep bucket
+# (``Profile.dense_layers``), which ``patch`` leaves to diffusers' attention.
+PROFILE_DENSE = "dense_layers: the profile keeps every key block (topk 1.0 in every timestep bucket)"
 # A group of skipped layers prints at most this many names.
 _NAMES_SHOWN = 4
 
@@ -31,7 +34,8 @@ class PatchReport:
         replaced: layer module name -> topk, for every self-attention now running SLA, e.g.
             ``{"blocks.0.attn1": 0.1}`` (``"transformer.blocks.0.attn1"`` when a pipeline was patched).
         skipped: layer module name -> why it was left as it was, e.g. ``{"blocks.0.attn2": "cross-attention ..."}``;
-            "dense_layers" for the layers ``patch(..., dense_layers=...)`` kept dense.
+            "dense_layers" for the layers ``patch(..., dense_layers=...)`` kept dense, ``PROFILE_DENSE`` for those a
+            calibration profile keeps at topk 1.0 in every timestep bucket.
         notes: how a calibration profile was applied (budget, per-head and per-timestep settings), one line each.
         dense_steps: the (low, high) timestep ranges whose forwards run diffusers' own attention in every replaced
             layer (``patch(..., dense_steps=...)``), empty if none.
@@ -46,8 +50,8 @@ class PatchReport:
 
     @property
     def dense_layers(self) -> list[str]:
-        """The layers ``dense_layers`` kept dense (not patched)."""
-        return [name for name, reason in self.skipped.items() if reason == DENSE_LAYERS]
+        """The self-attention layers left to diffusers' attention (not patched): ``dense_layers``' and the profile's."""
+        return [name for name, reason in self.skipped.items() if reason in (DENSE_LAYERS, PROFILE_DENSE)]
 
     def __str__(self) -> str:
         lines = [f"sagesla.patch: {len(self.replaced)} layer(s) -> {self.attention} (backend={self.backend!r})"]
