@@ -1,5 +1,7 @@
 """The summary of a profile: one table row per layer (and timestep bucket) and the budget's outcome."""
 
+import torch
+
 from sagesla.profile import Profile
 from sagesla.tables import markdown_table
 
@@ -8,7 +10,10 @@ def summary(profile: Profile) -> str:
     """A markdown table of each layer's chosen topk with its measured sparsity and errors, then totals.
 
     Columns: layer, bucket (with timestep buckets), topk, sparsity, worst and mean rel-L1, worst cosine, worst
-    head rel-L1 (per-head selection), and whether the budget was met ("NO" rows run the largest candidate).
+    head rel-L1 (per-head selection), and whether the budget was met ("NO" rows run the largest candidate, or
+    diffusers' attention in a dense layer). After the table: the budget, the mean sparsity, the dense layers
+    (topk 1.0 in every bucket: ``sagesla.patch`` runs diffusers' attention there; their sparsity counts as 0) and
+    the rows no candidate met.
     """
     selection, edges = profile.selection, profile.bucket_edges
     columns = {
@@ -43,10 +48,22 @@ def summary(profile: Profile) -> str:
         f"mean sparsity {profile.mean_sparsity():.2%} over {int(profile.measurements.calls.sum())} observations; "
         f"candidates {list(profile.measurements.candidates)}",
     ]
-    short = int((~profile.met).sum())
+    dense = profile.dense_layers()
+    if dense:
+        lines.append(
+            f"dense: {', '.join(dense)} ({len(dense)} of {len(profile.layers)} layer(s); topk 1.0 everywhere: "
+            "diffusers' attention)"
+        )
+    in_dense = torch.tensor([layer.name in dense for layer in profile.layers])[:, None]
+    short, short_dense = int((~profile.met & ~in_dense).sum()), int((~profile.met & in_dense).sum())
     if short:
         lines.append(
             f"{short} row(s) met the budget at no candidate and run the largest, topk "
             f"{profile.measurements.candidates[-1]:g} (with 1.0 no block is skipped: quantization error only)"
+        )
+    if short_dense:
+        lines.append(
+            f"{short_dense} row(s) of the dense layers met the budget at no candidate: diffusers' attention runs "
+            "there, with no error"
         )
     return "\n".join(lines)

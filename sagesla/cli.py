@@ -196,7 +196,7 @@ def _shipped(given: str | None, shipped: pathlib.Path, what: str) -> str | pathl
 
 def _video_demo(args: argparse.Namespace, device: str) -> int:
     from sagesla.embedded import finetuned
-    from sagesla.embedded.demo import format_results, format_variants, run_video_demo
+    from sagesla.embedded.demo import CALIBRATED, format_results, format_variants, run_video_demo
     from sagesla.embedded.model import WEIGHTS, load
 
     with reported_as("argument --out"):
@@ -232,6 +232,14 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
     print(format_variants(demo.variants))
     if not demo.trained:
         print("note: random weights: these videos are noise, and so are their PSNR and SSIM")
+    calibrated = next((v for v in demo.variants if v.name == CALIBRATED), None)
+    if calibrated is not None and calibrated.dense_layers:
+        every = calibrated.dense_layers == calibrated.layers
+        print(
+            f"note: the calibrated profile keeps every key block in {calibrated.dense_layers} of {calibrated.layers} "
+            "layers, which run diffusers' attention"
+            + (f": '{CALIBRATED}' is the dense model (a larger --budget may allow sparsity)" if every else "")
+        )
     columns = "dense | SageSLA calibrated" + (" | SageSLA fine-tuned" if demo.finetune is not None else "")
     print(f"wrote {args.out}/demo.gif ({columns}), frames.png, profile.png, profile.safetensors, report.json")
     return 0

@@ -256,7 +256,24 @@ def test_no_candidate_within_budget_gives_the_largest_and_says_so():
     assert profile.topk[0, 0] == 1.0 and profile.topk[1, 0] < 1.0
     text = summary(profile)
     assert "| blocks.0.attn1 | 1    |" in text and text.splitlines()[2].endswith("| NO         |")
+    # At 1.0 in its only bucket, blocks.0 runs diffusers' attention, not SLA at the largest candidate.
+    assert "1 row(s) of the dense layers met the budget at no candidate: diffusers' attention runs there" in text
+    assert "run the largest" not in text
+    # With a second bucket at a smaller topk it runs SLA, at the largest candidate where none met the budget.
+    errors = torch.stack([decreasing_errors(), decreasing_errors()], dim=1).squeeze(2)
+    errors[0, 0] += 0.2
+    text = summary(choose(synthetic(errors, edges=(500.0,)), budget=0.15))
     assert "1 row(s) met the budget at no candidate and run the largest, topk 1" in text
+    assert "dense" not in text
+
+
+def test_summary_lists_the_dense_layers_and_counts_them_as_no_sparsity():
+    measurements = synthetic(decreasing_errors(nl=4, nb=2), edges=(500.0,))
+    profile = with_topk(choose(measurements, budget=0.1), [[1.0, 1.0], [0.5, 1.0], [1.0, 1.0], [0.1, 0.2]])
+    text = summary(profile)
+    assert "dense: blocks.0.attn1, blocks.2.attn1 (2 of 4 layer(s); topk 1.0 everywhere: diffusers' attention)" in text
+    # Synthetic sparsity is 1 - topk, every row 3 observations: (0.5 + 0.9 + 0.8) / 8 rows.
+    assert profile.mean_sparsity() == pytest.approx(2.2 / 8) and "mean sparsity 27.50% over 24 observations" in text
 
 
 def test_per_head_budget_holds_in_every_head():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sagesla.demo
-from sagesla import cli
+from sagesla import cli, metrics
 from sagesla.embedded import demo as video_demo
 from sagesla.embedded import finetuned, model
 
@@ -56,6 +56,23 @@ def test_video_demo_without_weights_says_it_uses_random_ones(calls, capsys):
     out = capsys.readouterr().out
     assert "no trained weights (scripts/train_tiny.py writes them): random weights" in out
     assert "note: random weights: these videos are noise" in out
+
+
+def test_video_demo_says_when_the_calibrated_profile_runs_dense(calls, monkeypatch, capsys):
+    def video(out, **kwargs):
+        # A profile at topk 1.0 everywhere: every layer runs diffusers' attention, the dense videos exactly.
+        identical = metrics.psnr(torch.zeros(1), torch.zeros(1))
+        variant = video_demo.VariantResult(video_demo.CALIBRATED, None, 1.0, 0.0, identical, 1.0, 8, 8)
+        return video_demo.VideoDemo([], [variant], True, None)
+
+    monkeypatch.setattr(video_demo, "run_video_demo", video)
+    assert cli.main(["demo", "--video"]) == 0
+    out = capsys.readouterr().out
+    assert "| SageSLA, calibrated | 1.0 everywhere: all 8 layers dense | 1.0     | 0.0%     | inf     |" in out
+    assert (
+        "note: the calibrated profile keeps every key block in 8 of 8 layers, which run diffusers' attention: "
+        "'SageSLA, calibrated' is the dense model" in out
+    )
 
 
 def test_video_and_attention_exclude_each_other(calls, capsys):

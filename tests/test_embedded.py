@@ -285,7 +285,7 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
     pytest.importorskip("diffusers")
     from PIL import Image
 
-    from sagesla.embedded.demo import run_video_demo
+    from sagesla.embedded.demo import format_results, format_variants, run_video_demo
 
     prompts = ("yellow circle moves left",)
     demo = run_video_demo(
@@ -303,7 +303,25 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
     assert demo.finetune is None and [v.name for v in demo.variants][2:] == ["sparse only", "SageSLA, not fine-tuned"]
     for variant in demo.variants[1:]:
         assert variant.sparsity == 0 and variant.psnr_db > SAME_AS_DENSE_PSNR_DB and variant.ssim > 0.9999, variant
+    # The calibration keeps every key block in both layers: they run diffusers' attention, the dense videos exactly.
+    calibrated = demo.variants[1]
+    assert (calibrated.dense_layers, calibrated.layers) == (2, 2) and calibrated.ssim == 1.0
+    assert "| SageSLA, calibrated     | 1.0 everywhere: all 2 layers dense | " in format_variants(demo.variants)
+    assert format_results(demo.prompts).splitlines()[2].endswith("| 0.0%     | inf     | 1.0000 |")
     assert Image.open(tmp_path / "demo.gif").size == ((32 * 2 + 2) * 4, 32 * 4)  # dense | SageSLA calibrated
+
+
+def test_variant_rows_say_how_many_layers_ran_dense():
+    from sagesla.embedded.demo import CALIBRATED, VariantResult, format_variants
+
+    rows = format_variants(
+        [
+            VariantResult(CALIBRATED, None, 5.0, 0.2, 40.0, 0.99, dense_layers=3, layers=8),
+            VariantResult(CALIBRATED, None, 5.0, 0.5, 30.0, 0.98, dense_layers=0, layers=8),
+        ]
+    ).splitlines()
+    assert rows[2].startswith("| SageSLA, calibrated | per layer, 3 of 8 layers dense | 5.0     | 20.0%    | 40.00 ")
+    assert rows[3].startswith("| SageSLA, calibrated | per layer                      |")
 
 
 def test_video_demo_rejects_files_that_do_not_fit_before_calibrating(tmp_path, finetune_smoke):

@@ -1,7 +1,9 @@
 """``sagesla demo`` (the video demo): the embedded model sampled dense and with SLA variants, compared, pictured.
 
 Every variant samples the same noise with the same prompts as dense, so its videos differ only by the attention:
-- "SageSLA, calibrated": SageSLA with the per-layer topk a calibration within ``budget`` chose;
+- "SageSLA, calibrated": SageSLA with the per-layer topk a calibration within ``budget`` chose; a layer the
+  profile keeps at topk 1.0 in every timestep bucket runs diffusers' attention (``sagesla.patch``), so a profile at
+  1.0 everywhere makes this variant the dense model (its rows say how many layers ran dense);
 - at one fixed topk (the fine-tune's, 0.1 without one) and the fine-tune's blocks (64 x 64):
   "sparse only": unquantized SLA with ``proj_l`` zero, which skips the linear branch: plain block-sparse attention;
   "SageSLA, not fine-tuned": quantized (INT8 Q/K, FP8 P/V), ``proj_l`` zero;
@@ -38,6 +40,8 @@ CALIBRATED = "SageSLA, calibrated"
 SPARSE = "sparse only"
 UNTUNED = "SageSLA, not fine-tuned"
 FINETUNED = "SageSLA, fine-tuned"
+# ``metrics.psnr`` of identical videos (its mean squared error is clamped away from 0).
+_IDENTICAL_DB = metrics.psnr(torch.zeros(1), torch.zeros(1))
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class PromptResult:
 class VariantResult:
     """One attention variant, means over the prompts; PSNR and SSIM against dense (None for dense itself).
 
-    ``topk`` is 1.0 for dense and None for the calibrated profile (a topk per layer).
+    ``topk`` is 1.0 for dense and None for the calibrated profile (a topk per layer). ``dense_layers`` of the
+    model's ``layers`` self-attention layers ran diffusers' attention: all of them for dense, the profile's
+    topk-1.0 layers for the calibrated variant, none for the others. ``sparsity`` counts those layers as 0.
     """
 
     name: str
@@ -65,6 +71,8 @@ class VariantResult:
     sparsity: float
     psnr_db: float | None
     ssim: float | None
+    dense_layers: int = 0
+    layers: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,12 +96,16 @@ class VideoDemo:
 class _Sample:
     video: torch.Tensor  # [3, F, S, S] in [-1, 1]
     ms_per_step: float
-    sparsity: float  # mean over the SLA layers of the fraction of block pairs the last call skipped
+    # Mean over the self-attention layers of the fraction of block pairs the last call skipped (0 in dense ones).
+    sparsity: float
 
 
-def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float) -> _Sample:
+def _sample(
+    model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float, layers: int
+) -> _Sample:
     """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps (classifier-free ``guidance``
-    against the null prompt), timed to the model's device."""
+    against the null prompt), timed to the model's device. ``layers``: the model's self-attention layers, SLA's
+    and those left dense (the sparsity's denominator)."""
     from sagesla.calibration.sampling import denoise
 
     cuda = next(model.parameters()).is_cuda
@@ -105,7 +117,7 @@ def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: in
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) * 1e3 / steps
     skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
-    return _Sample(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(len(skipped), 1))
+    return _Sample(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(layers, len(skipped), 1))
 
 
 def _frames(videos: list[torch.Tensor], scale: int = 4):
@@ -147,18 +159,22 @@ def _dense_model(
     return model.to(device).eval(), embed.to(device).eval()
 
 
-def _summary(name: str, topk: float | None, samples: list[_Sample], dense: list[_Sample] | None) -> VariantResult:
-    """Means over the prompts; PSNR and SSIM against ``dense`` (None when this is dense)."""
+def _summary(
+    name: str, topk: float | None, samples: list[_Sample], dense: list[_Sample] | None, layers: tuple[int, int]
+) -> VariantResult:
+    """Means over the prompts; PSNR and SSIM against ``dense`` (None when this is dense); ``layers``: (left dense,
+    self-attention layers)."""
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
     ms, sparsity = mean([s.ms_per_step for s in samples]), mean([s.sparsity for s in samples])
     if dense is None:
-        return VariantResult(name, topk, ms, sparsity, None, None)
+        return VariantResult(name, topk, ms, sparsity, None, None, *layers)
     pairs = list(zip(samples, dense, strict=True))
     psnr = mean([metrics.psnr(s.video, d.video) for s, d in pairs])
-    return VariantResult(name, topk, ms, sparsity, psnr, mean([metrics.ssim(s.video, d.video) for s, d in pairs]))
+    ssim = mean([metrics.ssim(s.video, d.video) for s, d in pairs])
+    return VariantResult(name, topk, ms, sparsity, psnr, ssim, *layers)
 
 
 def run_video_demo(
@@ -221,7 +237,7 @@ def run_video_demo(
     if finetune is not None:
         # Patched and loaded first: a file that does not fit the model fails before the calibration.
         tuned = load(sla_weights, device)[0] if finetune.train == "all" else copy.deepcopy(model)
-        sagesla.patch(tuned, **fixed)
+        tuned_layers = len(sagesla.patch(tuned, **fixed).replaced)
         sagesla.load_sla_weights(tuned, sla_weights)
         if finetune.train == "attention":
             finetuned.load_attention(tuned, sla_weights)
@@ -239,24 +255,31 @@ def run_video_demo(
     profile.save(out / "profile.safetensors")
     plot_profile(profile, str(out / "profile.png"))
 
-    def run(variant: nn.Module) -> list[_Sample]:
-        _sample(variant, noise(0, 0), texts[0], 1, guidance)  # warm-up (Triton compilation, caches): not timed
-        return [_sample(variant, noise(i, 0), text, steps, guidance) for i, text in enumerate(texts)]
+    def run(variant: nn.Module, layers: int) -> list[_Sample]:
+        _sample(variant, noise(0, 0), texts[0], 1, guidance, layers)  # warm-up (Triton compilation, caches): untimed
+        return [_sample(variant, noise(i, 0), text, steps, guidance, layers) for i, text in enumerate(texts)]
 
-    dense = run(model)
-    runs = {"dense": (1.0, dense)}
+    dense = run(model, 0)
+    # Per variant: (self-attention layers left dense, self-attention layers).
+    runs, counts = {"dense": (1.0, dense)}, {}
     for name, topk_shown, options in (
         (CALIBRATED, None, {"profile": profile}),
         (SPARSE, topk, {**fixed, "quantized": False}),
         (UNTUNED, topk, fixed),
     ):
-        sagesla.patch(model, **options)
-        runs[name] = (topk_shown, run(model))
+        patched = sagesla.patch(model, **options)
+        counts[name] = (len(patched.dense_layers), len(patched.replaced) + len(patched.dense_layers))
+        runs[name] = (topk_shown, run(model, counts[name][1]))
         sagesla.unpatch(model)
+    counts["dense"] = (counts[CALIBRATED][1],) * 2
     if finetune is not None:
-        runs[FINETUNED] = (topk, run(tuned))
+        counts[FINETUNED] = (0, tuned_layers)
+        runs[FINETUNED] = (topk, run(tuned, tuned_layers))
 
-    variants = [_summary(name, k, samples, None if name == "dense" else dense) for name, (k, samples) in runs.items()]
+    variants = [
+        _summary(name, k, samples, None if name == "dense" else dense, counts[name])
+        for name, (k, samples) in runs.items()
+    ]
     calibrated = runs[CALIBRATED][1]
     results = [
         PromptResult(
@@ -285,6 +308,21 @@ def run_video_demo(
     return VideoDemo(results, variants, weights is not None, finetune)
 
 
+def _psnr_cell(psnr_db: float) -> str:
+    """A PSNR cell: "inf" for identical videos (``metrics.psnr`` gives them its largest value), else dB."""
+    return "inf" if psnr_db >= _IDENTICAL_DB else f"{psnr_db:.2f}"
+
+
+def _topk_cell(variant: VariantResult) -> str:
+    if variant.topk is not None:
+        return f"{variant.topk:g}"
+    if variant.layers and variant.dense_layers == variant.layers:
+        return f"1.0 everywhere: all {variant.layers} layers dense"
+    if variant.dense_layers:
+        return f"per layer, {variant.dense_layers} of {variant.layers} layers dense"
+    return "per layer"
+
+
 def format_results(results: list[PromptResult]) -> str:
     """The per-prompt table: dense against SageSLA at the calibrated profile."""
     return markdown_table(
@@ -295,7 +333,7 @@ def format_results(results: list[PromptResult]) -> str:
                 f"{r.dense_ms_per_step:.1f}",
                 f"{r.sla_ms_per_step:.1f}",
                 f"{r.sparsity:.1%}",
-                f"{r.psnr_db:.2f}",
+                _psnr_cell(r.psnr_db),
                 f"{r.ssim:.4f}",
             ]
             for r in results
@@ -310,10 +348,10 @@ def format_variants(variants: list[VariantResult]) -> str:
         [
             [
                 v.name,
-                "per layer" if v.topk is None else f"{v.topk:g}",
+                _topk_cell(v),
                 f"{v.ms_per_step:.1f}",
                 f"{v.sparsity:.1%}",
-                "-" if v.psnr_db is None else f"{v.psnr_db:.2f}",
+                "-" if v.psnr_db is None else _psnr_cell(v.psnr_db),
                 "-" if v.ssim is None else f"{v.ssim:.4f}",
             ]
             for v in variants
