@@ -2,8 +2,8 @@
 # One call on the GPU machine: install sagesla (and carried wheels), run the GPU tests, then the benchmarks.
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
-# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_MULTI=1 skip a part; LIMIT=seconds
-# caps each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests,
+# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_FAMILIES=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_MULTI=1 skip a
+# part; LIMIT=seconds caps each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests,
 # then Ulysses scaling of the 1.3B and 14B shapes) runs last. Wheels in .whl/ are installed once per machine
 # (into /tmp/site; export PYTHONPATH=/tmp/site to reuse).
 set -uo pipefail
@@ -31,6 +31,10 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 fi
 if [ "${SKIP_PATCH:-0}" != 1 ]; then
     timeout "${LIMIT:-900}" python3 scripts/patch_wan_check.py --topk 0.1 2>&1 | tee "$OUT/patch-wan.log" | tail -30
+fi
+if [ "${SKIP_FAMILIES:-0}" != 1 ]; then
+    timeout "${LIMIT:-900}" python3 scripts/bench_families.py --out-dir "$OUT" 2>&1 | grep -v Warning \
+        | tee "$OUT/families.log" | tail -25
 fi
 if [ "${SKIP_CALIB:-0}" != 1 ]; then
     # Random weights: SageSLA at topk 1.0 is already 0.08-0.11 off dense per layer, so budget 0.15 makes a profile

@@ -124,3 +124,25 @@ def test_bench_linear_branch_smoke_writes_results(tmp_path, monkeypatch):
         "SLA forward+backward, scope complement, topk 0.9",
     ]
     assert all(row["eager_ms"] > 0 and row["other_eager_ms"] > 0 and row["eager_ratio"] > 0 for row in rows)
+
+
+def test_bench_families_smoke_writes_results(tmp_path, monkeypatch):
+    """The model-family benchmark's CPU smoke run: a dense row and one per topk for each tiny model, every patched
+    layer served by SLA."""
+    argv = ["bench_families.py", "--smoke", "--family", "ltx-video", "--out-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(SCRIPTS / "bench_families.py"), run_name="__main__")
+    rows = json.loads((tmp_path / "CPU-families.json").read_text())["rows"]
+    assert [(row["attention"], row["topk"]) for row in rows] == [
+        ("dense", None),
+        ("SageSLA (2 layers)", 0.05),
+        ("SageSLA (2 layers)", 0.1),
+    ]
+    assert all(row["ms"] > 0 for row in rows) and all(row["sparsity"] > 0.5 for row in rows[1:])
+
+
+def test_bench_families_refuses_an_unknown_family(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_families.py", "--smoke", "--family", "flux"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(SCRIPTS / "bench_families.py"), run_name="__main__")
+    assert exit_.value.code == 2 and "--family: unknown ['flux']" in capsys.readouterr().err
