@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from sagesla.patching.processor import API, Projected, SLAProcessor, dispatch_attention_fn
+from sagesla.patching.processor import API, Projected, SLAProcessor
 
 TEXT_ONLY = "text-only attention (the token refiner over the prompt tokens) stays dense: SLA serves video tokens"
 NO_TEXT = "called without encoder_hidden_states (no joint text tokens)"
@@ -91,16 +91,7 @@ class _HunyuanJointProcessor(SLAProcessor):
             torch.cat([video, text], dim=1)
             for video, text in zip((projected.query, projected.key, projected.value), projected.text, strict=True)
         )
-        out = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=self.dense_mask(projected.attention_mask),
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=parallel_config,
-        )
+        out = self.dispatched(query, key, value, self.dense_mask(projected.attention_mask), parallel_config)
         length = projected.query.shape[1]
         return out[:, :length], out[:, length:]
 

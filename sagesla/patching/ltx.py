@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-from sagesla.patching.processor import Projected, SLAProcessor, dispatch_attention_fn
+from sagesla.patching.processor import Projected, SLAProcessor
 
 SELF_ATTENTION = "attn1"
 TEXT_CROSS_ATTENTION = "cross-attention (text keys) stays dense"
@@ -86,21 +86,7 @@ def _ltx2_rotary_emb(rope_type: str) -> Callable | None:
 
 
 class _LTXFamilyProcessor(SLAProcessor):
-    """What the LTX and LTX-2 processors share: their attention (``dispatch_attention_fn``) and output steps."""
-
-    def dense(self, projected: Projected, parallel_config: object = None) -> tuple[torch.Tensor, None]:
-        """The attention the replaced processor runs (diffusers' ``dispatch_attention_fn``), (B, S, H, D)."""
-        out = dispatch_attention_fn(
-            projected.query,
-            projected.key,
-            projected.value,
-            attn_mask=projected.attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=parallel_config,
-        )
-        return out, None
+    """What the LTX and LTX-2 processors share: their projection steps (their attention is ``SLAProcessor.dense``)."""
 
     @staticmethod
     def projections(attn: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -161,8 +161,33 @@ class SLAProcessor:
 
     def dense(self, projected: Projected, parallel_config: object = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The replaced processor's attention on ``projected`` (under ``parallel_config``): (video / self output
-        (B, S, H, D), text output (B, T, H, D) or None), before its output projection."""
-        raise NotImplementedError
+        (B, S, H, D), text output (B, T, H, D) or None), before its output projection.
+
+        This one is a self-attention processor's that dispatches (Wan, LTX); joint families override it.
+        """
+        query, key, value = projected.query, projected.key, projected.value
+        return self.dispatched(query, key, value, projected.attention_mask, parallel_config), None
+
+    def dispatched(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        parallel_config: object = None,
+    ) -> torch.Tensor:
+        """diffusers' ``dispatch_attention_fn`` as the replaced processor calls it (its attention backend), (B, S, H,
+        D) in and out."""
+        return dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=0.0,
+            is_causal=False,
+            backend=self._attention_backend,
+            parallel_config=parallel_config,
+        )
 
     def in_dense_step(self) -> bool:
         """Whether this eager call's forward lies in ``dense_steps`` (recorded as the call's fallback)."""

@@ -13,7 +13,7 @@ This module imports diffusers (through ``diffusers_api.resolve``, which fails lo
 import torch
 
 from sagesla.patching import diffusers_api
-from sagesla.patching.processor import API, Projected, SLAProcessor, dispatch_attention_fn
+from sagesla.patching.processor import API, Projected, SLAProcessor
 
 CROSS_ATTENTION = "cross-attention (text/image keys) stays dense"
 
@@ -85,17 +85,3 @@ class SLAWanAttnProcessor(SLAProcessor):
         hidden_states = hidden_states.flatten(2, 3).type_as(query)
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)
-
-    def dense(self, projected: Projected, parallel_config: object = None) -> tuple[torch.Tensor, None]:
-        """The attention the replaced processor runs (diffusers' ``dispatch_attention_fn``), (B, S, H, D)."""
-        out = dispatch_attention_fn(
-            projected.query,
-            projected.key,
-            projected.value,
-            attn_mask=projected.attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=parallel_config,
-        )
-        return out, None
