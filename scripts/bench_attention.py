@@ -149,7 +149,7 @@ def stages(q, k, v, topk, pv, proj, blocks, sweep=False):
     v_scale = st.v_scale
     v_in = quant_v_fp8_scaled(v, v_scale, qk.k_int8.shape[2]) if pv_fp8 else v
     out = torch.empty_like(q)
-    lin = (q, st.kvw, st.z, bias)
+    lin = (q, st.kvw, st.z, st.w_live, bias)
 
     def prep():
         s = inference_stats(k, v, pv_fp8, "softmax", w)

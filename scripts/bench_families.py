@@ -105,7 +105,7 @@ def _hunyuan_video15(frames, height, width, smoke=False):
     def inputs(device, dtype):
         return {
             "hidden_states": _randn(device, dtype, 1, 65, frames, height, width),
-            "timestep": torch.tensor([500.0], device=device),
+            "timestep": torch.tensor([500.0], device=device, dtype=dtype),
             "encoder_hidden_states": _randn(device, dtype, 1, 256, 3584),
             "encoder_attention_mask": _mask(device, 256, 60),
             "encoder_hidden_states_2": _randn(device, dtype, 1, 64, 1472),
