@@ -320,3 +320,24 @@ def test_hunyuan_video_mask_over_video_keys_falls_back_bit_for_bit():
         out = layer(**kwargs)
     assert layer.processor.last_fallback == hunyuan_video.UNSERVED_MASK
     assert all(torch.equal(x, y) for x, y in zip(out, ref, strict=True))
+
+
+# -- calibration
+
+
+def test_recording_a_joint_model_measures_the_joint_attention_and_keeps_the_dense_output():
+    from sagesla.calibration.record import Recording
+
+    family = MOCHI.FAMILIES["mochi"]
+    model, inputs = family.build(), family.inputs()
+    dense = run_model(model, inputs)
+    sagesla.patch(model, topk=0.25, quantized=False, backend="torch")
+    with Recording(model, candidates=[0.25], progress=False) as recording:
+        assert torch.equal(run_model(model, inputs), dense)
+    measurements = recording.measurements()
+    assert measurements.calls.tolist() == [[2], [2]]  # one call of a batch of 2 per layer
+    # rel_l1_max: [NL, NB, NC] over candidates (0.25, 1.0). At 1.0 a joint layer with the text as exact keys is its
+    # dense attention up to bf16 (a layer measured without the text keys would be off by far more); 0.25 skips blocks.
+    at_one = measurements.rel_l1_max[:, 0, -1]
+    assert (at_one < 5e-3).all(), at_one
+    assert (measurements.rel_l1_max[:, 0, 0] > 2 * at_one).all()
