@@ -332,7 +332,7 @@ class Profile:
 
         Keeping every key block, SLA is slower than dense attention and (quantized) less exact, so
         ``sagesla.patch`` leaves these layers to diffusers' own attention. A layer at 1.0 in some buckets only is
-        not among them.
+        not among them (it is patched and runs diffusers' attention in those buckets).
         """
         every = (self.topk == 1.0).all(dim=1).tolist()
         return [layer.name for layer, dense in zip(self.layers, every, strict=True) if dense]

@@ -522,11 +522,11 @@ def test_per_bucket_topk_follows_the_timestep(tmp_path):
     assert not model._forward_pre_hooks
 
 
-def _bucketed_model():
-    """The tiny model patched with topk [0.1, 0.5] / [0.3, 0.05] for timesteps below / from 500."""
+def _bucketed_model(topk=((0.1, 0.5), (0.3, 0.05))):
+    """The tiny model patched with topk [layer][bucket] for timesteps below / from 500."""
     errors = decreasing_errors(nb=2)
     model = tiny_model()
-    sagesla.patch(model, profile=with_topk(choose(synthetic(errors, edges=(500.0,))), [[0.1, 0.5], [0.3, 0.05]]))
+    sagesla.patch(model, profile=with_topk(choose(synthetic(errors, edges=(500.0,))), [list(row) for row in topk]))
     return model
 
 
@@ -545,10 +545,11 @@ def test_threads_sampling_at_different_timesteps_each_get_their_own_topk():
 
 
 @pytest.mark.slow
-def test_per_bucket_profile_compiles_fullgraph_and_follows_the_timestep():
+@pytest.mark.parametrize("topk", [((0.1, 0.5), (0.3, 0.05)), ((0.1, 1.0), (0.3, 0.05))], ids=["sparse", "dense-bucket"])
+def test_per_bucket_profile_compiles_fullgraph_and_follows_the_timestep(topk):
     """torch.compile(fullgraph=True) of a model whose topk follows the timestep: no graph break, eager's output
-    at a timestep of each bucket (the graph picks the bucket on the device)."""
-    model = _bucketed_model()
+    at a timestep of each bucket (the graph picks the bucket on the device; a bucket at 1.0 runs dense)."""
+    model = _bucketed_model(topk)
     latents, text = seeded_inputs([0], shape=(4, 16, 16))[0]
 
     def step(latents, timestep, text):

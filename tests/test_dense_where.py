@@ -353,10 +353,10 @@ def test_dense_layers_naming_a_profile_dense_layer_keep_their_reason(tiny_wan):
 
 def test_profile_layers_at_topk_one_in_every_bucket_run_diffusers_attention(tiny_wan):
     """blocks.0 keeps every key block in both buckets: left unpatched. blocks.1 is at 1.0 from t = 500 only: it
-    runs SLA, at topk 1.0 (no block skipped) there."""
+    runs SLA below, and diffusers' attention from t = 500 (the whole model is then the unpatched one)."""
     inputs = wan_inputs()
     processors = dict(tiny_wan.attn_processors)
-    refs = {t: first_attn1_output(tiny_wan, at(inputs, t))[1] for t in (100.0, 600.0)}
+    refs = {t: first_attn1_output(tiny_wan, at(inputs, t)) for t in (100.0, 600.0)}
     profile = bucketed_profile([[1.0, 1.0], [0.25, 1.0]])
     report = sagesla.patch(tiny_wan, profile=profile)
     assert report.replaced == {"blocks.1.attn1": 1.0} and report.dense_layers == ["blocks.0.attn1"]
@@ -367,8 +367,10 @@ def test_profile_layers_at_topk_one_in_every_bucket_run_diffusers_attention(tiny
     assert not hasattr(attn, "sla") and list(sla_processors(tiny_wan)) == ["blocks.1.attn1.processor"]
     processor = tiny_wan.blocks[1].attn1.processor
     for t, sparsity in ((100.0, 3 / 4), (600.0, 0.0)):
-        assert torch.equal(first_attn1_output(tiny_wan, at(inputs, t))[1], refs[t]), t
-        assert processor.last_sparsity == sparsity, t
+        out, first = first_attn1_output(tiny_wan, at(inputs, t))
+        assert torch.equal(first, refs[t][1]), t
+        assert torch.equal(out, refs[t][0]) == (t == 600.0), t
+        assert processor.last_sparsity == sparsity and processor.last_fallback is None, t
     assert sagesla.unpatch(tiny_wan) == ["blocks.1.attn1"]
     # The same through a SageSLAConfig, which goes through patch.
     report = sagesla.apply_sage_sla(tiny_wan, sagesla.SageSLAConfig(profile=profile))

@@ -290,8 +290,8 @@ def patch(
             ``Profile`` keeps at topk 1.0 in every bucket (``Profile.dense_layers()``) runs diffusers' own
             attention, as a ``dense_layers`` one does (SLA keeping every key block is slower and, quantized, less
             exact), reported in ``skipped`` with the reason ``report.PROFILE_DENSE``; a layer at 1.0 in some
-            buckets only runs SLA, at 1.0 in those buckets. A mapping is applied as given: its 1.0 entries run SLA
-            at topk 1.0 (what was asked for explicitly).
+            buckets only is patched and runs diffusers' attention in those buckets. A mapping is applied as given:
+            its 1.0 entries run SLA at topk 1.0 (what was asked for explicitly).
         dense_layers: self-attention layers left exactly as they are (diffusers' own attention): layer names as
             the report names them (``"blocks.0.attn1"``; ``"transformer.blocks.0.attn1"`` for a pipeline), and / or
             block indices: an int i stands for every self-attention layer inside ``blocks[i]`` (in each

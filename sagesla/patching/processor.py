@@ -294,20 +294,27 @@ class SLAProcessor:
 
     def _sparse_with_sparsity(self, sla: torch.nn.Module, projected: Projected) -> tuple[torch.Tensor, float | None]:
         """``sla`` at this call's topk (its bucket's with ``bucket_topk``): (output, fraction of block pairs skipped,
-        None where chosen on the device)."""
+        None where chosen on the device). A profile's bucket at topk 1.0 keeps every key block: it runs the replaced
+        processor's attention instead (as a layer at 1.0 in every bucket is left dense by ``patch``)."""
         query, key, value, exact = projected.query, projected.key, projected.value, _exact(projected)
         if self.bucket_topk is None:
             return sla(query, key, value, return_sparsity=True, **exact)
+
+        def at(topk: float) -> tuple[torch.Tensor, float]:
+            if topk == 1.0:
+                return self.dense(projected)[0], 0.0
+            return sla(query, key, value, return_sparsity=True, topk=topk, **exact)
+
         timestep = self.timesteps.timestep
         if timestep is None:
             if not torch.compiler.is_compiling():
                 self._log_once("no timestep seen in this forward: using the largest topk of its buckets")
-            return sla(query, key, value, return_sparsity=True, topk=max(self.bucket_topk), **exact)
+            return at(max(self.bucket_topk))
         if not torch.compiler.is_compiling():
-            return sla(query, key, value, return_sparsity=True, topk=self.bucket_topk[self.timesteps.bucket], **exact)
+            return at(self.bucket_topk[self.timesteps.bucket])
         # Compiled: the bucket is data, so the graph holds every bucket's call and picks one on the device.
         index = self.timesteps.bucket_index(timestep)
-        return _by_bucket(index, self.bucket_topk, lambda topk: sla(query, key, value, topk=topk, **exact)), None
+        return _by_bucket(index, self.bucket_topk, lambda topk: at(topk)[0]), None
 
     def fall_back(self, reason: str) -> None:
         """Record a dense call and log its reason once per layer and reason."""
