@@ -13,7 +13,8 @@ from sagesla.testing import assert_close, load_module, run_model, sla_processors
 
 pytest.importorskip("diffusers")
 
-from sagesla.patching.ltx import ALL_PERTURBED, CROSS_CALL, SLALTX2PerturbedAttnProcessor  # noqa: E402
+from sagesla.patching.ltx import ALL_PERTURBED, SLALTX2PerturbedAttnProcessor  # noqa: E402
+from sagesla.patching.processor import CROSS_CALL  # noqa: E402
 
 LTX = load_module(pathlib.Path(__file__).parent / "model_families" / "ltx.py")
 # tests/test_model_families.py's: rel-L1 of the model output at topk=1.0 (quantized=False, torch backend).

@@ -22,15 +22,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from sagesla.patching.processor import Projected, SLAProcessor
+from sagesla.patching.processor import Projected, SLAProcessor, prepared_mask
 
 UNSERVED_MASK = "an attention mask other than a boolean text key-padding mask (SLA masks text keys only)"
-
-
-def _heads_mask(attn: torch.nn.Module, attention_mask: torch.Tensor, batch_size: int, length: int) -> torch.Tensor:
-    """The mask as the processor hands it to attention: ``prepare_attention_mask`` viewed as (B, H, Q, T + S)."""
-    attention_mask = attn.prepare_attention_mask(attention_mask, length, batch_size)
-    return attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
 
 def _text_key_mask(mask: torch.Tensor, text_length: int) -> torch.Tensor | None:
@@ -72,14 +66,14 @@ class SLACogVideoXAttnProcessor(SLAProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states: (B, S, dim) video; encoder_hidden_states: (B, T, dim) text; image_rotary_emb: (cos, sin),
         each (S, D). Returns (video (B, S, dim), text (B, T, dim))."""
-        if self.in_dense_step():
+        if self.runs_original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         text_length = encoder_hidden_states.shape[1]
         tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         batch_size, length, _ = tokens.shape
         mask = text_mask = None
         if attention_mask is not None:
-            mask = _heads_mask(attn, attention_mask, batch_size, length)
+            mask = prepared_mask(attn, attention_mask, batch_size, length)
             text_mask = _text_key_mask(mask, text_length)
             if text_mask is None:
                 self.fall_back(UNSERVED_MASK)

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from sagesla.patching.processor import API, Projected, SLAProcessor
+from sagesla.patching.processor import API, TEXT_NORMS, TEXT_PROJECTIONS, Projected, SLAProcessor, head_projections
 
 TEXT_ONLY = "text-only attention (the token refiner over the prompt tokens) stays dense: SLA serves video tokens"
 NO_TEXT = "called without encoder_hidden_states (no joint text tokens)"
@@ -50,20 +50,6 @@ def _layer_reason(module: torch.nn.Module, joint: bool) -> str | None:
     """None for a joint text+video layer, ``TEXT_ONLY`` for another layer under a processor SLA reproduces; None for
     a layer under any other processor (``families.unserved_reason`` reports it)."""
     return None if joint or type(module.processor) not in API.served else TEXT_ONLY
-
-
-def _text_projections(attn: torch.nn.Module, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The text's ``add_q_proj/add_k_proj/add_v_proj``, unflattened to (B, T, H, D), then ``norm_added_q`` /
-    ``norm_added_k`` where the layer has them."""
-    text_query, text_key, text_value = (
-        projection(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        for projection in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-    )
-    if attn.norm_added_q is not None:
-        text_query = attn.norm_added_q(text_query)
-    if attn.norm_added_k is not None:
-        text_key = attn.norm_added_k(text_key)
-    return text_query, text_key, text_value
 
 
 def _hunyuan_text_mask(
@@ -150,10 +136,7 @@ class SLAHunyuanVideoAttnProcessor(_HunyuanJointProcessor):
         """hidden_states: (B, S, dim) video; encoder_hidden_states: (B, T, dim) text; attention_mask: (B, 1, 1,
         S + T) bool, True for the attended keys, or None; image_rotary_emb: (cos, sin), each (S, D). Returns (video
         (B, S, dim), text (B, T, dim))."""
-        if encoder_hidden_states is None:
-            self.fall_back(NO_TEXT)
-            return self.original(attn, hidden_states, None, attention_mask, image_rotary_emb)
-        if self.in_dense_step():
+        if self.runs_original(NO_TEXT if encoder_hidden_states is None else None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         batch_size, video_length, _ = hidden_states.shape
         text_mask = None
@@ -165,18 +148,12 @@ class SLAHunyuanVideoAttnProcessor(_HunyuanJointProcessor):
                 return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         single_stream = attn.add_q_proj is None
         tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single_stream else hidden_states
-        query, key, value = (
-            projection(tokens).unflatten(2, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = head_projections(attn, tokens)
         if single_stream:
             text = tuple(x[:, video_length:] for x in (query, key, value))
             query, key, value = (x[:, :video_length] for x in (query, key, value))
         else:
-            text = _text_projections(attn, encoder_hidden_states)
+            text = head_projections(attn, encoder_hidden_states, TEXT_PROJECTIONS, TEXT_NORMS)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
@@ -224,10 +201,7 @@ class SLAHunyuanVideo15AttnProcessor(_HunyuanJointProcessor):
         """hidden_states: (B, S, dim) video; encoder_hidden_states: (B, T, dim) text; attention_mask: (B, T), nonzero
         for the valid text tokens (left-padded with valid tokens to S + T); image_rotary_emb: (cos, sin), each
         (S, D). Returns (video (B, S, dim), text (B, T, dim))."""
-        if encoder_hidden_states is None:
-            self.fall_back(NO_TEXT)
-            return self.original(attn, hidden_states, None, attention_mask, image_rotary_emb)
-        if self.in_dense_step():
+        if self.runs_original(NO_TEXT if encoder_hidden_states is None else None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         video_length = hidden_states.shape[1]
         length = video_length + encoder_hidden_states.shape[1]
@@ -236,15 +210,12 @@ class SLAHunyuanVideo15AttnProcessor(_HunyuanJointProcessor):
         if attention_mask.shape[1] > encoder_hidden_states.shape[1] and not bool(valid[:, :video_length].all()):
             self.fall_back(UNSERVED_MASK)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = (
-            projection(hidden_states).unflatten(2, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = head_projections(attn, hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         text_mask = valid[:, video_length:]
-        text = _text_projections(attn, encoder_hidden_states)
+        text = head_projections(attn, encoder_hidden_states, TEXT_PROJECTIONS, TEXT_NORMS)
         # The (B, S + T) valid tokens: ``dense_mask`` builds the replaced processor's mask from them, (S + T)^2 per
         # batch row, only where dense attention runs.
         video_out, text_out = self.attention(attn, Projected(query, key, value, valid, text, text_mask))

@@ -34,14 +34,13 @@ from collections.abc import Callable
 import torch
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
-from sagesla.patching.processor import Projected, SLAProcessor
+from sagesla.patching.processor import CROSS_CALL, Projected, SLAProcessor, prepared_mask
 
 SELF_ATTENTION = "attn1"
 TEXT_CROSS_ATTENTION = "cross-attention (text keys) stays dense"
 AUDIO_SELF_ATTENTION = "audio self-attention stays dense (SLA serves video tokens)"
 AUDIO_VIDEO_CROSS_ATTENTION = "audio<->video cross-attention (keys from the other stream) stays dense"
 OTHER_LAYER = "not the video self-attention (attn1) of a transformer block, stays dense"
-CROSS_CALL = "keys and values from encoder_hidden_states (cross-attention)"
 # ``last_fallback`` of an all-perturbed call, which runs no attention.
 ALL_PERTURBED = "all_perturbed: the values stand in for the attention (no attention to run)"
 
@@ -59,18 +58,6 @@ def _layer_reason(name: str, dense_layers: dict[str, str]) -> str | None:
     """None for a block's ``attn1``, why the layer stays dense otherwise (by its name within its block)."""
     role = name.rsplit(".", 1)[-1]
     return None if role == SELF_ATTENTION else dense_layers.get(role, OTHER_LAYER)
-
-
-def _heads_mask(
-    attn: torch.nn.Module, attention_mask: torch.Tensor | None, hidden_states: torch.Tensor
-) -> torch.Tensor | None:
-    """The mask as the LTX processors hand it to attention: ``prepare_attention_mask`` viewed as (B, H, S, S_k), or
-    None."""
-    if attention_mask is None:
-        return None
-    batch_size, length, _ = hidden_states.shape
-    attention_mask = attn.prepare_attention_mask(attention_mask, length, batch_size)
-    return attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
 
 def _ltx2_rotary_emb(rope_type: str) -> Callable | None:
@@ -125,17 +112,14 @@ class SLALTXAttnProcessor(_LTXFamilyProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """hidden_states: (B, S, dim); image_rotary_emb: (cos, sin), each (B, S, H*D). Returns (B, S, dim)."""
-        if encoder_hidden_states is not None:
-            self.fall_back(CROSS_CALL)
+        if self.runs_original(CROSS_CALL if encoder_hidden_states is not None else None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self.in_dense_step():
-            return self.original(attn, hidden_states, None, attention_mask, image_rotary_emb)
         query, key, value = self.projections(attn, hidden_states)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb)
             key = apply_rotary_emb(key, image_rotary_emb)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        mask = _heads_mask(attn, attention_mask, hidden_states)
+        mask = None if attention_mask is None else prepared_mask(attn, attention_mask, *hidden_states.shape[:2])
         out, _ = self.attention(attn, Projected(query, key, value, mask))
         return self.output(attn, out.to(query.dtype))
 
@@ -170,10 +154,7 @@ class SLALTX2AttnProcessor(_LTXFamilyProcessor):
         """hidden_states: (B, S, dim); query_rotary_emb / key_rotary_emb: (cos, sin), each (B, S, H*D)
         ("interleaved") or (B, H, S, D/2) ("split"); the key's defaults to the query's. Returns (B, S, dim)."""
         args = (attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb, key_rotary_emb)
-        if encoder_hidden_states is not None:
-            self.fall_back(CROSS_CALL)
-            return self.original(*args)
-        if self.in_dense_step():
+        if self.runs_original(CROSS_CALL if encoder_hidden_states is not None else None):
             return self.original(*args)
         _, out = self.video_attention(attn, hidden_states, attention_mask, query_rotary_emb, key_rotary_emb)
         return self.gated_output(attn, hidden_states, out)
@@ -194,7 +175,7 @@ class SLALTX2AttnProcessor(_LTXFamilyProcessor):
             query = rotary_emb(query, query_rotary_emb)
             key = rotary_emb(key, key_rotary_emb if key_rotary_emb is not None else query_rotary_emb)
         query, key, value = (x.unflatten(2, (attn.heads, -1)) for x in (query, key, value))
-        mask = _heads_mask(attn, attention_mask, hidden_states)
+        mask = None if attention_mask is None else prepared_mask(attn, attention_mask, *hidden_states.shape[:2])
         out, _ = self.attention(attn, Projected(query, key, value, mask))
         return value, out.to(query.dtype)
 
@@ -243,10 +224,7 @@ class SLALTX2PerturbedAttnProcessor(SLALTX2AttnProcessor):
             perturbation_mask,
             all_perturbed,
         )
-        if encoder_hidden_states is not None:
-            self.fall_back(CROSS_CALL)
-            return self.original(*args)
-        if self.in_dense_step():
+        if self.runs_original(CROSS_CALL if encoder_hidden_states is not None else None):
             return self.original(*args)
         if all_perturbed is None:
             all_perturbed = perturbation_mask is not None and torch.all(perturbation_mask == 0)

@@ -14,7 +14,7 @@ This module imports diffusers; ``sagesla.patch`` imports it only when called.
 import torch
 import torch.nn.functional as F
 
-from sagesla.patching.processor import Projected, SLAProcessor
+from sagesla.patching.processor import TEXT_NORMS, TEXT_PROJECTIONS, Projected, SLAProcessor, head_projections
 
 
 def _apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -67,28 +67,15 @@ class SLAMochiAttnProcessor(SLAProcessor):
         """hidden_states: (B, S, dim) video; encoder_hidden_states: (B, T, dim_text) text; attention_mask: (B, T),
         nonzero for the attended text tokens; image_rotary_emb: (cos, sin), each (S, H, D / 2). Returns
         (video (B, S, dim), text (B, T, dim_text))."""
-        if self.in_dense_step():
+        if self.runs_original():
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value = (
-            projection(hidden_states).unflatten(2, (attn.heads, -1)) for projection in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        text_query, text_key, text_value = (
-            projection(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            for projection in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
-        )
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        query, key, value = head_projections(attn, hidden_states)
+        text = head_projections(attn, encoder_hidden_states, TEXT_PROJECTIONS, TEXT_NORMS)
         if image_rotary_emb is not None:
             query = _apply_rotary_emb(query, *image_rotary_emb)
             key = _apply_rotary_emb(key, *image_rotary_emb)
         text_mask = attention_mask.bool()
-        projected = Projected(query, key, value, attention_mask, (text_query, text_key, text_value), text_mask)
+        projected = Projected(query, key, value, attention_mask, text, text_mask)
         video_out, text_out = self.attention(attn, projected)
         text_out = _diffusers_text_layout(text_out, text_mask)
         # (B, S + T, H*D) as diffusers lays out its rows' outputs, split into the video and text streams.

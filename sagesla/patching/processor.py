@@ -31,6 +31,8 @@ _templated_context_parallel_attention = API.core["_templated_context_parallel_at
 
 # ``last_fallback`` of a call that ran the original processor because its timestep lies in ``dense_steps``.
 DENSE_STEPS = "dense_steps: the timestep lies in a dense range"
+# Why a self-attention layer's call with keys from another stream runs the original processor.
+CROSS_CALL = "keys and values from encoder_hidden_states (cross-attention)"
 
 
 @dataclasses.dataclass
@@ -79,6 +81,32 @@ def _by_bucket(index: torch.Tensor, topks: tuple[float, ...], attend: Callable[[
     if len(topks) == 1:
         return attend(topks[0])
     return torch.cond(index == 0, lambda: attend(topks[0]), lambda: _by_bucket(index - 1, topks[1:], attend), ())
+
+
+# A joint model's text projections and their per-head norms (``head_projections``).
+TEXT_PROJECTIONS = ("add_q_proj", "add_k_proj", "add_v_proj")
+TEXT_NORMS = ("norm_added_q", "norm_added_k")
+
+
+def head_projections(
+    attn: torch.nn.Module,
+    tokens: torch.Tensor,
+    projections: tuple[str, str, str] = ("to_q", "to_k", "to_v"),
+    norms: tuple[str, str] = ("norm_q", "norm_k"),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of ``tokens`` (B, N, dim) by the layer's ``projections``, unflattened to (B, N, H, D), then q and k
+    through the layer's per-head ``norms`` where it has them (``TEXT_PROJECTIONS`` and ``TEXT_NORMS`` for a joint
+    model's text)."""
+    query, key, value = (getattr(attn, name)(tokens).unflatten(2, (attn.heads, -1)) for name in projections)
+    norm_q, norm_k = (getattr(attn, name) for name in norms)
+    return query if norm_q is None else norm_q(query), key if norm_k is None else norm_k(key), value
+
+
+def prepared_mask(attn: torch.nn.Module, attention_mask: torch.Tensor, batch_size: int, length: int) -> torch.Tensor:
+    """A layer's mask as diffusers' older processors hand it to attention: ``prepare_attention_mask`` viewed as
+    (B, H, Q, K)."""
+    attention_mask = attn.prepare_attention_mask(attention_mask, length, batch_size)
+    return attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
 
 def joint_text_attention(projected: Projected) -> torch.Tensor:
@@ -189,8 +217,12 @@ class SLAProcessor:
             parallel_config=parallel_config,
         )
 
-    def in_dense_step(self) -> bool:
-        """Whether this eager call's forward lies in ``dense_steps`` (recorded as the call's fallback)."""
+    def runs_original(self, reason: str | None = None) -> bool:
+        """Whether this call goes whole to the original processor: ``reason``, why SLA cannot serve it at all (a
+        fallback, logged), or its forward lies in ``dense_steps`` (eager; recorded as the call's fallback)."""
+        if reason is not None:
+            self.fall_back(reason)
+            return True
         if self.timesteps is None or torch.compiler.is_compiling() or not self.timesteps.is_dense:
             return False
         self.last_fallback, self.last_sparsity = DENSE_STEPS, 0.0

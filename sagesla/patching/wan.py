@@ -13,7 +13,7 @@ This module imports diffusers (through ``diffusers_api.resolve``, which fails lo
 import torch
 
 from sagesla.patching import diffusers_api
-from sagesla.patching.processor import API, Projected, SLAProcessor
+from sagesla.patching.processor import API, CROSS_CALL, Projected, SLAProcessor
 
 CROSS_ATTENTION = "cross-attention (text/image keys) stays dense"
 
@@ -69,11 +69,8 @@ class SLAWanAttnProcessor(SLAProcessor):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """hidden_states: (B, S, dim); rotary_emb: (cos, sin), each (1, S, 1, D). Returns (B, S, dim)."""
-        if encoder_hidden_states is not None:
-            self.fall_back("keys and values from encoder_hidden_states (cross-attention)")
+        if self.runs_original(CROSS_CALL if encoder_hidden_states is not None else None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if self.in_dense_step():
-            return self.original(attn, hidden_states, None, attention_mask, rotary_emb)
         query, key, value = API.qkv[type(self.original)](attn, hidden_states, None)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
