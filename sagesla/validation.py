@@ -87,10 +87,7 @@ def check_qkv(q: object, k: object, v: object, tensor_layout: str) -> None:
     for name, x in (("k", k), ("v", v)):
         if x.shape != q.shape:
             raise ValueError(f"`{name}` must have the shape of `q` {tuple(q.shape)} {letters}, got {tuple(x.shape)}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+        _check_like_q(name, x, q)
     _check_has_data("q", q)  # k and v are on its device
     if q.shape[-1] == 0:
         raise ValueError(f"`q` must have a head dim D >= 1 (its last dim), got shape {tuple(q.shape)}")
@@ -135,10 +132,7 @@ def check_exact(exact_kv: object, exact_mask: object, q: torch.Tensor, tensor_la
     for name, x in zip(("exact_kv[0]", "exact_kv[1]"), exact_kv, strict=True):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor {letters}, got {type(x).__name__}")
-        if x.dtype != q.dtype:
-            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+        _check_like_q(name, x, q)
         _check_has_data(name, x)
         if x.dim() != 4 or x.shape[:token_dim] + x.shape[token_dim + 1 :] != others:
             raise ValueError(
@@ -162,6 +156,14 @@ def check_exact(exact_kv: object, exact_mask: object, q: torch.Tensor, tensor_la
         raise ValueError(f"`exact_mask` must have shape [B, T] = {shape}, got {tuple(exact_mask.shape)}")
     if exact_mask.device != q.device:
         raise ValueError(f"`exact_mask` must be on the device of `q` ({q.device}), got {exact_mask.device}")
+
+
+def _check_like_q(name: str, x: torch.Tensor, q: torch.Tensor) -> None:
+    """``x`` has q's dtype and device."""
+    if x.dtype != q.dtype:
+        raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
+    if x.device != q.device:
+        raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
 
 
 def _check_has_data(name: str, x: torch.Tensor) -> None:
