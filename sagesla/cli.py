@@ -1,4 +1,5 @@
-"""The ``sagesla`` command line: ``sagesla demo``, ``sagesla calibrate``, ``sagesla bench-e2e`` (``sagesla.e2e``).
+"""The ``sagesla`` command line: ``sagesla demo``, ``sagesla calibrate``, ``sagesla bench-e2e`` (``sagesla.e2e``),
+``sagesla convert-turbodiffusion`` (``sagesla.turbodiffusion``).
 
 ``sagesla demo`` runs the video demo (``sagesla.embedded.demo``) when the embedded model's trained weights are
 shipped, the attention demo (``sagesla.demo``) otherwise; ``--video`` / ``--attention`` choose.
@@ -274,8 +275,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_turbodiffusion(args: argparse.Namespace) -> int:
+    from sagesla import turbodiffusion
+
+    with reported_as("argument OUT_DIR"):
+        turbodiffusion.check_out_dir(args.out_dir)
+    with reported_as("argument --config"):
+        config = turbodiffusion.read_config(args.config)
+    with reported_as("argument CHECKPOINT"):
+        report = turbodiffusion.convert_turbodiffusion(
+            args.checkpoint, args.out_dir, config=config, dtype=turbodiffusion.DTYPES[args.dtype]
+        )
+    print(report)
+    folder = json.dumps(str(args.out_dir))
+    print(
+        "next steps (TurboDiffusion samples at topk 0.1, 0.15 for better quality):\n"
+        f"  model = diffusers.WanTransformer3DModel.from_pretrained({folder}, torch_dtype=torch.{args.dtype})\n"
+        "  sagesla.patch(model, topk=0.1)\n"
+        f"  sagesla.load_sla_weights(model, {folder})"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from sagesla import e2e
+    from sagesla import e2e, turbodiffusion
     from sagesla.calibration import cli as calibration_cli
 
     parser = ArgumentParser(prog="sagesla", description="Quantized Sparse-Linear Attention for video DiTs")
@@ -315,6 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-e2e", help="time whole denoising steps of Wan-shaped models, dense vs SageSLA")
     e2e.add_arguments(bench)
     bench.set_defaults(run=e2e.run)
+    convert = sub.add_parser(
+        "convert-turbodiffusion",
+        help="a TurboDiffusion Wan checkpoint (.pth, -quant too) as a diffusers folder with its SLA weights",
+    )
+    convert.add_argument("checkpoint", metavar="CHECKPOINT", type=input_file, help="TurboDiffusion .pth / .pt")
+    convert.add_argument("out_dir", metavar="OUT_DIR", type=output_folder, help="new (or empty) folder to write")
+    convert.add_argument(
+        "--config",
+        metavar="DIFFUSERS_CONFIG",
+        type=input_path,
+        default=None,
+        help="a diffusers config.json (or its folder) for what the weights' shapes leave open (custom models)",
+    )
+    convert.add_argument("--dtype", choices=tuple(turbodiffusion.DTYPES), default="bfloat16")
+    convert.set_defaults(run=_convert_turbodiffusion)
     return parser
 
 

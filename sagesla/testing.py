@@ -3,6 +3,7 @@ pipeline runner for either backend and layout (the benchmarks' accuracy checks u
 
 import dataclasses
 import importlib.util
+import math
 import pathlib
 import threading
 import types
@@ -296,3 +297,83 @@ def synthetic_measurements(
         head_cosine_mean=1 - head_errors / 2,
         **({} if info is None else {"info": info}),
     )
+
+
+def turbodiffusion_state_dict(
+    config: dict, *, quantized: bool = False, seed: int = 0, training_layout: bool = False
+) -> dict[str, object]:
+    """A TurboDiffusion checkpoint of a (tiny) Wan ``config`` (``WanTransformer3DModel`` keywords), random values.
+
+    Built from TurboDiffusion's key layout, not from our converter: original Wan names, a 2-D ``patch_embedding``
+    [D, C * 4] (Linear over (c, kt, kh, kw)-flattened patches), ``norm3`` affine, ``modulation`` [1, 6, D],
+    ``head.modulation`` [1, 2, D], each self-attention's ``attn_op.local_attn.proj_l`` [hd, hd] / [hd] (float32),
+    ``img_emb`` and ``k_img`` / ``v_img`` / ``norm_k_img`` when ``config["image_dim"]`` is set. Floating tensors are
+    bf16, as released. ``quantized``: the ``-quant`` layout, every Linear inside ``blocks`` but ``proj_l`` as
+    ``int8_weight`` [N, K] + ``scale`` [ceil(N / 128), ceil(K / 128)] float32 + ``bias`` (bf16), quantized as
+    TurboDiffusion does (per 128 x 128 block, amax = max(|block|, 1e-8), scale = amax / 128,
+    int8 = saturate(round_half_even(w * 128 / amax))), and the block norms float32. ``training_layout``: the
+    training checkpoint's ``{"state_dict": {"net." + key: tensor}}``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    dim, ffn, patch = heads * head_dim, config["ffn_dim"], math.prod(config.get("patch_size", (1, 2, 2)))
+    image_dim = config.get("image_dim")
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    def linear(name: str, out: int, inp: int, in_block: bool = False) -> dict[str, torch.Tensor]:
+        weight, bias = torch.randn(out, inp, generator=gen) * inp**-0.5, randn(out, std=0.1)
+        if quantized and in_block:
+            int8_weight, scale = _quantize_blocks(weight.to(torch.bfloat16).float())
+            return {f"{name}.int8_weight": int8_weight, f"{name}.scale": scale, f"{name}.bias": bias}
+        return {f"{name}.weight": weight.to(torch.bfloat16), f"{name}.bias": bias}
+
+    def norm(name: str, size: int, bias: bool = False, in_block: bool = False) -> dict[str, torch.Tensor]:
+        dtype = torch.float32 if quantized and in_block else torch.bfloat16
+        tensors = {f"{name}.weight": (1 + randn(size, std=0.1).float()).to(dtype)}
+        return tensors | ({f"{name}.bias": randn(size, std=0.1).to(dtype)} if bias else {})
+
+    state = {
+        **linear("patch_embedding", dim, config["in_channels"] * patch),
+        **linear("text_embedding.0", dim, config["text_dim"]),
+        **linear("text_embedding.2", dim, dim),
+        **linear("time_embedding.0", dim, config["freq_dim"]),
+        **linear("time_embedding.2", dim, dim),
+        **linear("time_projection.1", 6 * dim, dim),
+    }
+    for i in range(config["num_layers"]):
+        block = f"blocks.{i}"
+        for attention in ("self_attn", "cross_attn"):
+            for name in ("q", "k", "v", "o") + (("k_img", "v_img") if attention == "cross_attn" and image_dim else ()):
+                state |= linear(f"{block}.{attention}.{name}", dim, dim, in_block=True)
+            for name in ("norm_q", "norm_k") + (("norm_k_img",) if attention == "cross_attn" and image_dim else ()):
+                state |= norm(f"{block}.{attention}.{name}", dim, in_block=True)
+        proj_l = f"{block}.self_attn.attn_op.local_attn.proj_l"
+        state[f"{proj_l}.weight"] = torch.randn(head_dim, head_dim, generator=gen) * 0.05
+        state[f"{proj_l}.bias"] = torch.randn(head_dim, generator=gen) * 0.05
+        if config.get("cross_attn_norm", True):
+            state |= norm(f"{block}.norm3", dim, bias=True, in_block=True)
+        state |= linear(f"{block}.ffn.0", ffn, dim, in_block=True) | linear(f"{block}.ffn.2", dim, ffn, in_block=True)
+        state[f"{block}.modulation"] = randn(1, 6, dim, std=dim**-0.5)
+    state |= linear("head.head", config["out_channels"] * patch, dim)
+    state["head.modulation"] = randn(1, 2, dim, std=dim**-0.5)
+    if image_dim:
+        state |= norm("img_emb.proj.0", image_dim, bias=True) | linear("img_emb.proj.1", image_dim, image_dim)
+        state |= linear("img_emb.proj.3", dim, image_dim) | norm("img_emb.proj.4", dim, bias=True)
+    return {"state_dict": {f"net.{key}": value for key, value in state.items()}} if training_layout else state
+
+
+def _quantize_blocks(weight: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """TurboDiffusion's blockwise int8 quantization of a float32 [N, K] weight, one block at a time."""
+    rows, cols = weight.shape
+    int8_weight = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(-(-rows // block), -(-cols // block))
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            tile = weight[i * block : (i + 1) * block, j * block : (j + 1) * block]
+            amax = max(float(tile.abs().max()), 1e-8)
+            scale[i, j] = amax / 128
+            quantized = torch.round(tile * (128 / amax)).clamp(-128, 127)
+            int8_weight[i * block : (i + 1) * block, j * block : (j + 1) * block] = quantized.to(torch.int8)
+    return int8_weight, scale

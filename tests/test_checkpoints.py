@@ -407,3 +407,87 @@ def test_save_pretrained_round_trip_keeps_proj_l(tiny_wan, tmp_path):
         assert all(torch.equal(value, sla_state(model)[key]) for key, value in sla_state(tiny_wan).items())
         # Not bit for bit: CPU matmuls of two model instances may differ in the last bit (memory alignment).
         assert_close("after loading", ref, run_wan(model, inputs), ROUND_TRIP_TOL)
+
+
+COMMUNITY_FORMS = ["attn1.attn_op.local_attn", "attn1.attn_impl"]
+
+
+@pytest.mark.parametrize("prefix", ["", "net.", "model.diffusion_model."], ids=["plain", "net", "diffusion-model"])
+@pytest.mark.parametrize("form", COMMUNITY_FORMS + ["self_attn.attn_op.local_attn"])
+def test_community_key_names_load(tmp_path, form, prefix):
+    """Public diffusers conversions of TurboDiffusion's checkpoints keep its SLA module names under attn1."""
+    names = [f"{prefix}blocks.{i}.{form}.proj_l.{p}" for i in range(2) for p in ("weight", "bias")]
+    weights = random_weights(names)
+    path = tmp_path / "community.safetensors"
+    save_file(weights | {f"{prefix}blocks.0.attn1.to_q.weight": torch.randn(4, 4)}, path)
+    model = _PatchedLike()
+    report = sagesla.load_sla_weights(model, path)
+    assert report.loaded == KEYS and report.unexpected == [] and report.ignored == 1
+    for ours, name in zip(KEYS, names, strict=True):
+        assert torch.equal(sla_state(model)[ours], weights[name])
+
+
+def test_two_community_names_for_one_weight_raise():
+    weights = random_weights([f"blocks.{i}.attn1.attn_impl.proj_l.{p}" for i in range(2) for p in ("weight", "bias")])
+    weights["net.blocks.0.attn1.attn_op.local_attn.proj_l.weight"] = torch.randn(64, 64)
+    with pytest.raises(
+        ValueError, match=r"names one weight twice: .*attn_impl.proj_l.weight.*local_attn.proj_l.weight"
+    ):
+        sagesla.load_sla_weights(_PatchedLike(), weights)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip-mapped", "legacy-read-whole"])
+def test_torch_files_are_memory_mapped_unless_legacy(tmp_path, monkeypatch, zip_format):
+    weights = random_weights(TURBO_KEYS)
+    path = tmp_path / "turbo.pth"
+    torch.save(weights, path, _use_new_zipfile_serialization=zip_format)
+    calls = []
+    load = torch.load
+    monkeypatch.setattr(
+        checkpoints.torch, "load", lambda *args, **kwargs: calls.append(kwargs) or load(*args, **kwargs)
+    )
+    model = _PatchedLike()
+    assert sagesla.load_sla_weights(model, path).loaded == KEYS
+    assert calls == [{"map_location": "cpu", "weights_only": True, "mmap": zip_format}]
+    assert all(
+        torch.equal(sla_state(model)[ours], weights[turbo]) for ours, turbo in zip(KEYS, TURBO_KEYS, strict=True)
+    )
+
+
+def test_save_sla_state_dict_writes_the_save_sla_weights_format(tmp_path):
+    weights = random_weights()
+    path = tmp_path / "sla.safetensors"
+    assert checkpoints.save_sla_state_dict(weights, path, {"converted_from": "x.pth"}) == KEYS
+    source = _PatchedLike()
+    with torch.no_grad():
+        for key, parameter in checkpoints.sla_parameters(source).items():
+            parameter.copy_(weights[key])
+    sagesla.save_sla_weights(source, tmp_path / "model.safetensors", {"converted_from": "x.pth"})
+    # The same tensors give the same file: tensors and metadata (checksum included).
+    for name in ("sla.safetensors", "model.safetensors"):
+        with safe_open(tmp_path / name, framework="pt") as handle:
+            assert handle.metadata() == checkpoints.METADATA | {
+                "converted_from": "x.pth",
+                checkpoints.CHECKSUM_KEY: checkpoints._checksum(weights),
+            }
+            assert all(torch.equal(handle.get_tensor(key), weights[key]) for key in KEYS)
+    model = _PatchedLike()
+    assert sagesla.load_sla_weights(model, path).loaded == KEYS
+    assert all(torch.equal(sla_state(model)[key], value) for key, value in weights.items())
+
+
+@pytest.mark.parametrize(
+    "tensors,metadata,error,message",
+    [
+        ({}, None, ValueError, r"`tensors` must hold at least one proj_l tensor"),
+        ({"blocks.0.attn1.to_q.weight": torch.zeros(2)}, None, ValueError, r"must end in proj_l.weight or proj_l.bias"),
+        ({KEYS[0]: [0.0]}, None, TypeError, r"`tensors` must be a mapping of str to torch.Tensor"),
+        ([(KEYS[0], torch.zeros(2))], None, TypeError, r"`tensors` must be a mapping of str to torch.Tensor"),
+        ({KEYS[0]: torch.zeros(2)}, {"sha256": "0"}, ValueError, r"`metadata` must not set \['sha256'\]"),
+    ],
+    ids=["empty", "not-proj-l", "not-a-tensor", "not-a-mapping", "reserved-metadata"],
+)
+def test_save_sla_state_dict_rejects_bad_arguments(tmp_path, tensors, metadata, error, message):
+    with pytest.raises(error, match=message):
+        checkpoints.save_sla_state_dict(tensors, tmp_path / "sla.safetensors", metadata)
+    assert os.listdir(tmp_path) == []

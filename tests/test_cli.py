@@ -1,6 +1,7 @@
 """``sagesla demo``: the video demo by default once the embedded model's weights are shipped, else the attention
 demo; ``--video`` and ``--attention`` choose. The demos themselves are stubbed (tests/test_embedded.py runs them)."""
 
+import os
 import time
 
 import pytest
@@ -313,3 +314,66 @@ def test_the_video_demo_checks_its_arguments_before_building_the_model(tmp_path,
     with pytest.raises(NotADirectoryError, match="not a folder"):
         (tmp_path / "file").write_text("")
         video_demo.run_video_demo(tmp_path / "file", weights=None, sla_weights=None)
+
+
+# -- convert-turbodiffusion -------------------------------------------------------------------------------------------
+
+# Every user error of the command: one line naming the argument, exit status 2, before the checkpoint is read.
+CONVERT_BAD_ARGUMENTS = [
+    (["{tmp}/missing.pth", "{tmp}/out"], "CHECKPOINT"),
+    (["{tmp}/folder", "{tmp}/out"], "CHECKPOINT"),
+    (["{tmp}/file.txt", "{tmp}/out"], "CHECKPOINT"),
+    (["{tmp}/file.txt", "{tmp}/file.txt"], "OUT_DIR"),
+    (["{tmp}/file.txt", "{tmp}/file.txt/out"], "OUT_DIR"),
+    (["{tmp}/file.txt", "{tmp}"], "OUT_DIR"),
+    (["{tmp}/file.txt", "{tmp}/out", "--config", "{tmp}/missing.json"], "--config"),
+    (["{tmp}/file.txt", "{tmp}/out", "--config", "{tmp}/bad-config"], "--config"),
+    (["{tmp}/file.txt", "{tmp}/out", "--config", "{tmp}/folder"], "--config"),
+    (["{tmp}/file.txt", "{tmp}/out", "--dtype", "float64"], "--dtype"),
+]
+
+
+@pytest.mark.parametrize(("argv", "argument"), CONVERT_BAD_ARGUMENTS, ids=[_case_id(c) for c in CONVERT_BAD_ARGUMENTS])
+def test_convert_turbodiffusion_user_errors_are_one_line_and_exit_2(no_long_work, capsys, monkeypatch, argv, argument):
+    from sagesla.patching import checkpoints
+
+    monkeypatch.setattr(checkpoints, "read_torch_file", lambda *args: pytest.fail("the checkpoint was read"))
+    _rejected(["convert-turbodiffusion", *argv], no_long_work, capsys, argument)
+    assert not (no_long_work / "out").exists()
+
+
+def _turbo_checkpoint(path):
+    from sagesla.testing import turbodiffusion_state_dict
+
+    config = {"num_attention_heads": 2, "attention_head_dim": 64, "in_channels": 16, "out_channels": 16}
+    config |= {"text_dim": 32, "freq_dim": 32, "ffn_dim": 96, "num_layers": 2}
+    torch.save(turbodiffusion_state_dict(config), path)
+    return path
+
+
+def test_convert_turbodiffusion_prints_the_report_and_the_next_steps(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    checkpoint, out = _turbo_checkpoint(tmp_path / "turbo.pth"), tmp_path / "out"
+    assert cli.main(["convert-turbodiffusion", str(checkpoint), str(out), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert f"convert_turbodiffusion: {checkpoint} -> {out}" in printed
+    assert "custom WanTransformer3DModel" in printed and "torch.float32" in printed
+    assert "SLA: 2 layers' proj_l in sla_weights.safetensors" in printed
+    assert f'from_pretrained("{out}", torch_dtype=torch.float32)' in printed
+    assert f'sagesla.load_sla_weights(model, "{out}")' in printed
+    assert (out / "config.json").is_file() and (out / "sla_weights.safetensors").is_file()
+
+
+def test_convert_turbodiffusion_file_errors_are_one_line(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    checkpoint = _turbo_checkpoint(tmp_path / "turbo.pth")
+    (tmp_path / "cut.pth").write_bytes(checkpoint.read_bytes()[:1000])
+    err = _rejected(["convert-turbodiffusion", "{tmp}/cut.pth", "{tmp}/out"], tmp_path, capsys, "CHECKPOINT")
+    assert "cut.pth' cannot be loaded with torch.load(weights_only=True)" in err
+    (tmp_path / "config.json").write_text('{"ffn_dim": 128}')
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["convert-turbodiffusion", str(checkpoint), str(tmp_path / "out"), "--config", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "argument CHECKPOINT: config entry 'ffn_dim' is 128 but the shapes of" in err
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "cut.pth", "turbo.pth"]

@@ -1,13 +1,20 @@
 """SLA weights (each SLA layer's ``proj_l``) in and out of a patched model, in our key scheme or TurboDiffusion's.
 
 Keys: ours are the model's own state-dict names, ``blocks.{i}.attn1.sla.proj_l.weight`` [D, D] and
-``blocks.{i}.attn1.sla.proj_l.bias`` [D] for a Wan model. TurboDiffusion's
-``[net.]blocks.{i}.self_attn.attn_op.local_attn.proj_l.{weight,bias}`` name the same tensors of block i.
+``blocks.{i}.attn1.sla.proj_l.bias`` [D] for a Wan model. These name the same tensors of block i, each with an
+optional ``net.`` (TurboDiffusion's training checkpoints) or ``model.diffusion_model.`` prefix:
+``blocks.{i}.self_attn.attn_op.local_attn.proj_l.*`` (TurboDiffusion's own), and
+``blocks.{i}.attn1.attn_op.local_attn.proj_l.*`` and ``blocks.{i}.attn1.attn_impl.proj_l.*`` (public diffusers
+conversions of its checkpoints).
+
+``.pt`` / ``.pth`` / ``.bin`` files are read memory-mapped (a 14B checkpoint is never read whole for its few
+``proj_l`` tensors) and without unpickling code.
 """
 
 import hashlib
 import os
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +37,10 @@ CHECKSUM_KEY = "sha256"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 _PROJ_L_KEY = re.compile(r"(^|\.)proj_l\.(weight|bias)$")
-_TURBO_KEY = re.compile(r"^(?:net\.)?blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)$")
+_TURBO_KEY = re.compile(
+    r"^(?:net\.|model\.diffusion_model\.)?blocks\.(\d+)\."
+    r"(?:self_attn\.attn_op\.local_attn|attn1\.attn_op\.local_attn|attn1\.attn_impl)\.proj_l\.(weight|bias)$"
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +79,7 @@ def sla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _model_key(key: str) -> str:
-    """A checkpoint key in our scheme (TurboDiffusion's keys translated)."""
+    """A checkpoint key in our scheme (TurboDiffusion's and the community conversions' keys translated)."""
     turbo = _TURBO_KEY.match(key)
     return f"blocks.{turbo[1]}.attn1.{SLA_ATTRIBUTE}.proj_l.{turbo[2]}" if turbo else key
 
@@ -86,13 +96,20 @@ def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
     return hashlib.sha256(save(dict(tensors))).hexdigest()
 
 
-def _read_torch_file(path: Path) -> object:
+def read_torch_file(path: Path, what: str = "SLA checkpoint") -> object:
+    """The object a ``torch.save`` file holds, its tensors memory-mapped (the pages a caller touches are read, not the
+    whole file); the legacy non-zip format, which cannot be mapped, is read whole. Never unpickles code.
+
+    Raises:
+        ValueError: naming ``what`` and the file, which is truncated, corrupted or holds objects other than tensors
+            and containers.
+    """
     try:
         # weights_only: a checkpoint is data, never code to unpickle.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as error:
         raise ValueError(
-            f"SLA checkpoint {str(path)!r} cannot be loaded with torch.load(weights_only=True): it is truncated or "
+            f"{what} {str(path)!r} cannot be loaded with torch.load(weights_only=True): it is truncated or "
             f"corrupted, or holds objects other than tensors and containers (never unpickled): {error}"
         ) from error
 
@@ -132,7 +149,7 @@ def _read(source: object) -> tuple[dict[str, object], int, str, dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"`path_or_state_dict` {str(path)!r} does not exist")
     if path.suffix in TORCH_SUFFIXES:
-        state = _read_torch_file(path)
+        state = read_torch_file(path)
         # TurboDiffusion's training checkpoints nest the weights under "state_dict".
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
@@ -171,13 +188,18 @@ def load_sla_weights(
     """Load the ``proj_l`` of every SLA layer of a patched model, in place; all or nothing.
 
     Only keys ending in ``proj_l.weight`` / ``proj_l.bias`` are read, so a full model checkpoint works: a
-    ``save_pretrained`` folder or its ``diffusion_pytorch_model.safetensors``, a TurboDiffusion ``.pth``,
-    or a ``save_sla_weights`` file. Everything is checked before anything is copied.
+    ``save_pretrained`` folder or its ``diffusion_pytorch_model.safetensors``, a TurboDiffusion ``.pth``, a folder
+    ``convert_turbodiffusion`` wrote (its shards and ``sla_weights.safetensors``), a public diffusers conversion of
+    a TurboDiffusion checkpoint, or a ``save_sla_weights`` file. Everything is checked before anything is copied.
 
     Args:
         model: a model patched by ``sagesla.patch`` (for a pipeline, each transformer on its own).
         path_or_state_dict: a ``.safetensors`` file, a folder of them, a ``.pt`` / ``.pth`` / ``.bin`` file
-            (loaded with ``weights_only=True``), or a {key: tensor} mapping; keys ours or TurboDiffusion's.
+            (memory-mapped, loaded with ``weights_only=True``; a TurboDiffusion training checkpoint's
+            ``"state_dict"`` is looked into), or a {key: tensor} mapping. Keys ours,
+            ``blocks.{i}.self_attn.attn_op.local_attn.proj_l.*`` (TurboDiffusion's),
+            ``blocks.{i}.attn1.attn_op.local_attn.proj_l.*`` or ``blocks.{i}.attn1.attn_impl.proj_l.*`` (public
+            conversions), the last three with an optional ``net.`` or ``model.diffusion_model.`` prefix.
         strict: raise if a model SLA key is missing from the checkpoint or a checkpoint ``proj_l`` key matches no
             SLA layer. Not strict, those are reported and the matching keys load.
     Returns:
@@ -245,8 +267,8 @@ def load_sla_weights(
 def save_sla_weights(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> list[str]:
     """Write every SLA layer's ``proj_l`` of ``model`` to a safetensors file, atomically; returns the keys.
 
-    The keys are the model's state-dict names (``blocks.{i}.attn1.sla.proj_l.weight`` ...), the metadata
-    ``METADATA``, the tensors' SHA-256 (checked on load) and ``metadata``, written by ``save_file_atomic``.
+    The keys are the model's state-dict names (``blocks.{i}.attn1.sla.proj_l.weight`` ...), written by
+    ``save_sla_state_dict``.
 
     Args:
         model: a model patched by ``sagesla.patch``.
@@ -257,15 +279,56 @@ def save_sla_weights(model: nn.Module, path: str | os.PathLike, metadata: Mappin
         ValueError: ``model`` holds no SLA layer, or ``metadata`` names a key this function writes.
         TypeError: ``metadata`` is not a mapping of str to str.
     """
+    _check_metadata(metadata)
+    parameters = sla_parameters(model)
+    if not parameters:
+        raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
+    return save_sla_state_dict({key: parameter.detach() for key, parameter in parameters.items()}, path, metadata)
+
+
+def save_sla_state_dict(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> list[str]:
+    """Write {key: ``proj_l`` tensor} to a safetensors file in ``save_sla_weights``' format, atomically; returns
+    the keys.
+
+    The file holds the tensors (moved to the CPU, contiguous) under their keys, the metadata ``METADATA``, the
+    tensors' SHA-256 under ``CHECKSUM_KEY`` (checked on load) and ``metadata``, written by ``save_file_atomic``.
+
+    Args:
+        tensors: {state-dict key: tensor}, keys as ``load_sla_weights`` reads them (ending in ``proj_l.weight`` /
+            ``proj_l.bias``).
+        path: the file to write (replaced if it exists).
+        metadata: more {str: str} entries for the file's header; not the keys ``METADATA`` and ``CHECKSUM_KEY``
+            name.
+    Raises:
+        ValueError: no tensor, a key ``load_sla_weights`` would not read, or ``metadata`` names a key this function
+            writes.
+        TypeError: ``tensors`` is not a mapping of str to torch.Tensor, or ``metadata`` not one of str to str.
+    """
+    _check_metadata(metadata)
+    if not isinstance(tensors, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in tensors.items()
+    ):
+        raise TypeError(f"`tensors` must be a mapping of str to torch.Tensor, got {tensors!r:.80}")
+    if not tensors:
+        raise ValueError("`tensors` must hold at least one proj_l tensor, got an empty mapping")
+    stray = [key for key in tensors if not _PROJ_L_KEY.search(key)]
+    if stray:
+        raise ValueError(
+            f"`tensors` keys must end in proj_l.weight or proj_l.bias (load_sla_weights reads no other), "
+            f"got {stray[:3]}"
+        )
+    saved = {key: tensor.to("cpu").contiguous() for key, tensor in tensors.items()}
+    save_file_atomic(saved, path, dict(metadata or {}) | METADATA | {CHECKSUM_KEY: _checksum(saved)})
+    return list(saved)
+
+
+def _check_metadata(metadata: object) -> None:
+    """Raise unless ``metadata`` is None or a mapping of str to str naming none of the keys the writers set."""
     extra = {} if metadata is None else metadata
     if not isinstance(extra, Mapping) or not all(isinstance(x, str) for item in extra.items() for x in item):
         raise TypeError(f"`metadata` must be a mapping of str to str, got {metadata!r:.80}")
     reserved = sorted(extra.keys() & {*METADATA, CHECKSUM_KEY})
     if reserved:
         raise ValueError(f"`metadata` must not set {reserved}: save_sla_weights writes them, got {dict(extra)!r:.80}")
-    parameters = sla_parameters(model)
-    if not parameters:
-        raise ValueError("`model` holds no SLA layer: call sagesla.patch(model, ...) first")
-    tensors = {key: parameter.detach().to("cpu").contiguous() for key, parameter in parameters.items()}
-    save_file_atomic(tensors, path, dict(extra) | METADATA | {CHECKSUM_KEY: _checksum(tensors)})
-    return list(tensors)
