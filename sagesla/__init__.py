@@ -4,8 +4,9 @@ Public API: ``SparseLinearAttention`` (trainable SLA), ``SageSparseLinearAttenti
 ``sparse_linear_attn`` (functional form), ``SLASettings`` (their settings as one object); ``patch`` / ``unpatch``
 (SLA in diffusers video transformers and pipelines; ``dense_timesteps`` for its ``dense_steps``), ``SageSLAConfig``
 + ``apply_sage_sla`` / ``remove_sage_sla`` (the same as a config object, diffusers-style; ``SageSLAConfig.preset``),
-``load_sla_weights`` / ``save_sla_weights`` (SLA checkpoints). Importing this package imports neither triton nor
-diffusers.
+``load_sla_weights`` / ``save_sla_weights`` (SLA checkpoints), ``quantize_linear`` (torchao-quantized linear layers
+beside SLA). ``sagesla.rcm`` (rCM few-step sampling) and ``sagesla.turbodiffusion`` (TurboDiffusion checkpoints into
+diffusers) are imported on their own. Importing this package imports neither triton nor diffusers.
 """
 
 from sagesla.functional import sparse_linear_attn
@@ -21,11 +22,13 @@ from sagesla.patching import (
     save_sla_weights,
     unpatch,
 )
+from sagesla.quantized_linear import LinearQuantizationReport, quantize_linear
 from sagesla.settings import SLASettings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LinearQuantizationReport",
     "PatchReport",
     "SLASettings",
     "SageSLAConfig",
@@ -36,6 +39,7 @@ __all__ = [
     "dense_timesteps",
     "load_sla_weights",
     "patch",
+    "quantize_linear",
     "remove_sage_sla",
     "save_sla_weights",
     "sparse_linear_attn",
