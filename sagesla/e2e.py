@@ -4,6 +4,7 @@ Usage (``sagesla bench-e2e`` or ``python scripts/bench_e2e.py``, same arguments)
     sagesla bench-e2e [--model wan2.1-1.3b] [--compile] [--weights DIR] [--profile FILE] [--out-dir DIR]
     sagesla bench-e2e --model wan2.1-14b --nproc 1 2 4 [--dense]   # Ulysses sequence parallel scaling
     sagesla bench-e2e --model tiny    # CPU smoke run (torch reference backend)
+    sagesla bench-e2e --video [--model wan2.1-1.3b] [--compile]   # whole videos: sagesla/e2e_video.py
 
 A step is what a sampler with classifier-free guidance runs per timestep: the transformer on the conditional and on
 the unconditional text, one after the other, with ``torch.cuda.synchronize()`` around each step; the median of
@@ -62,19 +63,28 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(model, cond, uncond, steps: int, warmup: int, device: str) -> float:
-    """Median ms of a guided step (conditional + unconditional forward)."""
+def median_ms(call, repeats: int, warmup: int, device: str) -> float:
+    """Median ms of ``call()`` over ``repeats`` runs after ``warmup``, without autograd, synchronized on CUDA."""
     times = []
     with torch.no_grad():
-        for i in range(warmup + steps):
+        for i in range(warmup + repeats):
             _sync(device)
             start = time.perf_counter()
-            model(*cond, return_dict=False)
-            model(*uncond, return_dict=False)
+            call()
             _sync(device)
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_steps(model, forwards: list[tuple], steps: int, warmup: int, device: str) -> float:
+    """Median ms of a step: one forward per entry of ``forwards`` (a guided step: conditional, unconditional)."""
+
+    def step() -> None:
+        for inputs in forwards:
+            model(*inputs, return_dict=False)
+
+    return median_ms(step, steps, warmup, device)
 
 
 def attention_ms(shape, config: Config, device: str, dtype: torch.dtype, backend: str) -> float:
@@ -154,7 +164,7 @@ def run_config(model, config: Config, inputs, args, device, dtype, backend) -> t
         torch._dynamo.reset()
         runner = torch.compile(model, fullgraph=True)
     with _dense_backend(config):
-        ms = time_steps(runner, *inputs, args.steps, args.warmup, device)
+        ms = time_steps(runner, list(inputs), args.steps, args.warmup, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
     attn = attention_ms(WAN_SHAPES[args.model], config, device, dtype, backend)
     sagesla.unpatch(model)
@@ -217,7 +227,7 @@ def time_on_ranks(model_name: str, timed: list[Config], steps: int, warmup: int)
     for config in timed:
         _prepare(model, config, backend, cuda)
         dist.barrier()
-        ms = time_steps(model, cond, uncond, steps, warmup, "cuda" if cuda else "cpu")
+        ms = time_steps(model, [cond, uncond], steps, warmup, "cuda" if cuda else "cpu")
         peak = None
         if cuda:
             peak_tensor = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)
@@ -288,6 +298,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nproc", type=arguments.positive_int, nargs="+", help="GPU counts to time under Ulysses (e.g. 1 2 4)"
     )
     parser.add_argument("--dense", action="store_true", help="with --nproc: also time dense SDPA steps")
+    parser.add_argument(
+        "--video",
+        action="store_true",
+        help="whole-video latency: text encoder, transformer steps and VAE decode, dense 50 guided steps against "
+        "SageSLA with 4 rCM steps (sagesla/e2e_video.py)",
+    )
+    parser.add_argument(
+        "--vae-repeats", type=arguments.positive_int, default=2, help="with --video: timed VAE decodes per option"
+    )
 
 
 # The config entries a --weights folder must share with --model: they size the inputs, the attention calls and the
@@ -313,16 +332,11 @@ def check_arguments(args: argparse.Namespace) -> None:
             raise arguments.UsageError(
                 f"argument --nproc: {args.nproc}: each count must be in [1, {available}] (the GPUs present)"
             )
-        unused = [name for name, given in (("--weights", args.weights), ("--profile", args.profile)) if given]
-        if args.compile:
-            unused.append("--compile")
-        if unused:
-            raise arguments.UsageError(
-                f"argument --nproc: the scaling run times random weights eagerly; {', '.join(unused)} is not used "
-                "with it"
-            )
+        _refuse_with(args, "--nproc", "the scaling run times random weights eagerly", compile="--compile")
     elif args.dense:
         raise arguments.UsageError("argument --dense: only with --nproc (the single-GPU run always times dense)")
+    if args.video:
+        _refuse_with(args, "--video", "the video run times random weights on one device", nproc="--nproc")
     if args.weights:
         import json
 
@@ -344,6 +358,14 @@ def check_arguments(args: argparse.Namespace) -> None:
             load_profile(args.profile)
 
 
+def _refuse_with(args: argparse.Namespace, option: str, why: str, **also: str) -> None:
+    """Raise naming ``option`` if ``--weights``, ``--profile`` or an ``also`` argument ({attribute: flag}) is given."""
+    flags = {"weights": "--weights", "profile": "--profile", **also}
+    unused = [flag for attribute, flag in flags.items() if getattr(args, attribute)]
+    if unused:
+        raise arguments.UsageError(f"argument {option}: {why}; {', '.join(unused)} is not used with it")
+
+
 def _plain(value: object) -> object:
     return list(value) if isinstance(value, (list, tuple)) else value
 
@@ -351,6 +373,10 @@ def _plain(value: object) -> object:
 def run(args: argparse.Namespace) -> int:
     """Time, print the table and write the result files; returns the exit status."""
     check_arguments(args)
+    if args.video:
+        from sagesla import e2e_video
+
+        return e2e_video.run(args)
     if args.nproc:
         cuda = torch.cuda.is_available()
         gpu, backend = (torch.cuda.get_device_name(), "nccl") if cuda else ("CPU", "gloo")

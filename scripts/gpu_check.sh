@@ -2,9 +2,10 @@
 # One call on the GPU machine: install sagesla (and carried wheels), run the GPU tests, then the benchmarks.
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
-# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_FAMILIES=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_MULTI=1 skip a
-# part; LIMIT=seconds caps each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests,
-# then Ulysses scaling of the 1.3B and 14B shapes) runs last. Wheels in .whl/ are installed once per machine
+# SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_FAMILIES=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_VIDEO=1 /
+# SKIP_QUANT=1 / SKIP_MULTI=1 skip a part; VIDEO_MODELS picks the whole-video part's shapes; LIMIT=seconds caps
+# each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests, then
+# Ulysses scaling of the 1.3B and 14B shapes) runs last. Wheels in .whl/ are installed once per machine
 # (into /tmp/site; export PYTHONPATH=/tmp/site to reuse).
 set -uo pipefail
 OUT=${OUT:-out}
@@ -47,6 +48,16 @@ if [ "${SKIP_E2E:-0}" != 1 ]; then
     PROFILE=$OUT/wan13b-random.profile.safetensors
     timeout "${LIMIT:-900}" python3 scripts/bench_e2e.py ${E2E_ARGS---compile} --out-dir "$OUT" \
         $([ -e "$PROFILE" ] && echo --profile "$PROFILE") 2>&1 | tee "$OUT/e2e.log" | tail -15
+fi
+if [ "${SKIP_VIDEO:-0}" != 1 ]; then
+    for MODEL in ${VIDEO_MODELS:-wan2.1-1.3b wan2.1-14b}; do
+        timeout "${LIMIT:-900}" python3 scripts/bench_e2e.py --video --compile --model "$MODEL" --steps 2 \
+            --out-dir "$OUT" 2>&1 | grep -v Warning | tee "$OUT/video-$MODEL.log" | tail -16
+    done
+fi
+if [ "${SKIP_QUANT:-0}" != 1 ]; then
+    timeout "${LIMIT:-900}" python3 scripts/quantized_linear_quality.py --out-dir "$OUT" 2>&1 | grep -v Warning \
+        | tee "$OUT/quantized-linear.log" | tail -12
 fi
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "${SKIP_MULTI:-0}" != 1 ] && [ "$GPUS" -ge 2 ]; then

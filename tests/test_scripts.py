@@ -38,6 +38,26 @@ def test_bench_e2e_tiny_writes_results(tmp_path, monkeypatch, capsys):
     assert "| SageSLA topk 0.05" in capsys.readouterr().out
 
 
+def test_bench_e2e_video_tiny_writes_results(tmp_path, monkeypatch):
+    """The whole-video run: each recipe's video time adds up its parts; quantized rows run on quantized layers."""
+    argv = ["bench_e2e.py", "--video", "--model", "tiny", "--steps", "1", "--warmup", "0", "--vae-repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_status:
+        runpy.run_path(str(SCRIPTS / "bench_e2e.py"), run_name="__main__")
+    assert exit_status.value.code == 0
+    report = json.loads((tmp_path / "CPU-e2e-video-tiny.json").read_text())
+    videos = report["videos"]
+    assert [(r["steps"], r["forwards_per_step"]) for r in videos] == [(50, 2), (4, 1), (4, 1)]
+    assert "quantized linear" in videos[2]["recipe"] and "quantized" not in videos[1]["recipe"]
+    for row in videos:
+        encoder = row["text_encoder_s"] or 0.0
+        assert row["transformer_s"] == pytest.approx(row["steps"] * row["step_ms"] / 1e3)
+        assert row["video_s"] == pytest.approx(row["transformer_s"] + encoder + row["vae_decode_s"])
+        assert row["speedup"] == pytest.approx(videos[0]["video_s"] / row["video_s"])
+    assert [r["option"] for r in report["vae_decode"]] == ["float32", "bfloat16", "bfloat16, tiling"]
+    assert videos[0]["vae_decode_s"] == report["vae_decode"][0]["decode_s"] > 0
+
+
 def test_bench_e2e_ulysses_scaling_on_cpu_ranks(tmp_path):
     # Spawned workers import the script by path, so it runs as a process (gloo ranks on the CPU).
     command = [sys.executable, str(SCRIPTS / "bench_e2e.py"), "--model", "tiny", "--nproc", "2", "1", "--dense"]
@@ -146,3 +166,19 @@ def test_bench_families_refuses_an_unknown_family(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_path(str(SCRIPTS / "bench_families.py"), run_name="__main__")
     assert exit_.value.code == 2 and "--family: unknown ['flux']" in capsys.readouterr().err
+
+
+def test_quantized_linear_quality_cpu_writes_results(tmp_path, monkeypatch):
+    """The quantized-linear quality script on CPU, one prompt, one step: int8 rows close to their exact twins, the
+    fp8 ones not run (no FP8 GPU), with why."""
+    pytest.importorskip("torchao")
+    argv = ["quantized_linear_quality.py", "--steps", "1", "--prompt", "red circle moves right"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out-dir", str(tmp_path)])
+    runpy.run_path(str(SCRIPTS / "quantized_linear_quality.py"), run_name="__main__")
+    report = json.loads((tmp_path / "CPU-quantized-linear.json").read_text())
+    variants = ["dense", "int8", "SageSLA topk 0.5", "SageSLA topk 0.5 + int8"]
+    assert [row["variant"] for row in report["rows"]] == variants
+    assert [v["quantized_layers"] for v in report["variants"]] == [0, 80, 0, 80]
+    assert all(row["psnr_vs_exact_db"] > 40 for row in report["rows"])
+    assert sorted(report["not_run"]) == ["SageSLA topk 0.5 + fp8", "fp8"]
+    assert all("is on cpu" in why for why in report["not_run"].values())
