@@ -208,3 +208,28 @@ def test_quantizing_twice_raises(tiny_wan):
 def test_no_eligible_layer_raises(model, match):
     with pytest.raises(ValueError, match=match):
         quantize_linear(model, "int8")
+
+
+# FP8 (per-row e4m3) on the GPU against the unquantized bf16 model; the compiled model against eager (inductor
+# fuses the activation quantization, so not bit for bit).
+TOL_FP8 = 3e-2
+TOL_FP8_COMPILED = 1e-2
+
+
+@pytest.mark.gpu
+def test_fp8_on_the_gpu_compiles_fullgraph():
+    from sagesla.wan_shapes import tiny_wan_transformer
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs a GPU with FP8 matrix multiplies (sm89+)")
+    torch.manual_seed(0)
+    model = tiny_wan_transformer().to("cuda", torch.bfloat16)
+    sagesla.patch(model, topk=0.5)
+    inputs = tuple(x.to("cuda", torch.bfloat16) if x.is_floating_point() else x.cuda() for x in wan_inputs())
+    exact = run_wan(model, inputs)
+    report = quantize_linear(model, mode="auto", min_features=MIN_FEATURES)
+    assert report.mode == "fp8" and set(report.quantized) == set(_block_linears())
+    eager = run_wan(model, inputs)
+    assert_close("fp8 vs bf16", exact.float(), eager.float(), TOL_FP8)
+    compiled = run_wan(torch.compile(model, fullgraph=True), inputs)
+    assert_close("compiled vs eager", eager.float(), compiled.float(), TOL_FP8_COMPILED)
