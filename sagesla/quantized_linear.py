@@ -8,6 +8,10 @@ row and per activation token) or FP8 e4m3 with per-row scales on GPUs that multi
 ``sagesla.patch`` may run before or after, and ``sagesla.load_sla_weights`` still loads it. Embeddings, the
 timestep / text conditioning and the output projection stay as they are.
 
+Compile the model (``torch.compile``) for speed: eager, torchao quantizes each activation in kernels of its own and
+the step is slower than in bf16. A Wan2.1-1.3B SageSLA forward at 32760 tokens on an H100 (torchao 0.17, FP8):
+333 ms eager, 548 ms eager + FP8; 207 ms compiled, 175 ms compiled + FP8 (benchmarks/README.md, "Whole videos").
+
 It cannot be undone: reload the weights to get the unquantized model back. torchao's configs also set its
 recommended ``torch._inductor`` options (``set_inductor_config``), process-wide.
 
