@@ -6,6 +6,7 @@ NCCL on the Triton kernels.
 
 import dataclasses
 import pathlib
+import sys
 
 import pytest
 import torch
@@ -26,8 +27,10 @@ from sagesla.patching.processor import Projected  # noqa: E402
 @pytest.fixture
 def spawn(monkeypatch):
     """``spawn_ranks`` with the repository root on ``sys.path``: pytest imports this file as ``tests.test_parallel``
-    without putting the root there, and each spawned rank imports that module to find ``ulysses_vs_one_device``."""
-    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).parents[1]))
+    without putting the root there, and each spawned rank imports that module to find ``ulysses_vs_one_device``.
+    The root goes last, so the installed packages come first: its ``kernels/`` folder must not shadow Hugging Face's
+    ``kernels``, which transformers imports."""
+    monkeypatch.setattr(sys, "path", [*sys.path, str(pathlib.Path(__file__).parents[1])])
     return spawn_ranks
 
 
