@@ -145,20 +145,25 @@ def guided_inputs(shape, device: str, dtype: torch.dtype) -> tuple[tuple, tuple]
     return cond, (cond[0], cond[1], wan_step_inputs(shape, device, dtype, seed=1)[2])
 
 
-def _prepare(model, config: Config, backend: str, cuda: bool) -> None:
-    """Patch ``model`` for ``config`` (unpatched for dense) and, on CUDA, restart the peak-memory count."""
-    sagesla.unpatch(model)
-    if config.topk is not None or config.profile is not None:
-        settings = config.attention.replace(backend=backend)
-        sagesla.patch(model, topk=config.topk, profile=config.profile, settings=settings)
+def reset_memory(cuda: bool) -> None:
+    """On CUDA, free the cached blocks and restart the peak-memory count."""
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
+def prepare(model, config: Config, backend: str, cuda: bool) -> None:
+    """Patch ``model`` for ``config`` (unpatched for dense) and, on CUDA, restart the peak-memory count."""
+    sagesla.unpatch(model)
+    if config.topk is not None or config.profile is not None:
+        settings = config.attention.replace(backend=backend)
+        sagesla.patch(model, topk=config.topk, profile=config.profile, settings=settings)
+    reset_memory(cuda)
+
+
 def run_config(model, config: Config, inputs, args, device, dtype, backend) -> tuple[float, float | None, float]:
     """(step ms, peak GiB or None, ms of one attention call) of ``config``; leaves the model unpatched."""
-    _prepare(model, config, backend, device == "cuda")
+    prepare(model, config, backend, device == "cuda")
     runner = model
     if config.compiled:
         torch._dynamo.reset()
@@ -225,7 +230,7 @@ def time_on_ranks(model_name: str, timed: list[Config], steps: int, warmup: int)
         enable_ulysses(model)
     rows = []
     for config in timed:
-        _prepare(model, config, backend, cuda)
+        prepare(model, config, backend, cuda)
         dist.barrier()
         ms = time_steps(model, [cond, uncond], steps, warmup, "cuda" if cuda else "cpu")
         peak = None
@@ -395,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         # The profile must fit the model before any timing: patched once, then unpatched.
         with arguments.reported_as("argument --profile"):
-            _prepare(model, Config("profile", profile=args.profile), backend, False)
+            prepare(model, Config("profile", profile=args.profile), backend, False)
         sagesla.unpatch(model)
     cond, uncond = guided_inputs(shape, device, dtype)
     gpu = torch.cuda.get_device_name() if cuda else "CPU"

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 import sagesla
-from sagesla.e2e import guided_inputs, median_ms, time_steps
+from sagesla.e2e import Config, guided_inputs, median_ms, prepare, reset_memory, time_steps
 from sagesla.quantized_linear import quantize_linear
-from sagesla.settings import SLASettings
 from sagesla.tables import gpu_tag, markdown_table, run_header, write_report
 from sagesla.wan_shapes import WAN_SHAPES, build_wan
 
@@ -121,12 +120,6 @@ def text_encoder_seconds(device: str, tiny: bool, repeats: int) -> float | None:
     return median_ms(lambda: encoder(input_ids=ids, attention_mask=mask), repeats, 1, device) / 1e3
 
 
-def _free(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
 # The VAE options timed: name -> (dtype, the setting around the decodes). The compiled one runs last, after the
 # transformer rows, so its compilation can cut off nothing else.
 EAGER_VAE = ("float32", "bfloat16", "bfloat16, tiling")
@@ -150,7 +143,7 @@ def vae_options(model_name: str, device: str, repeats: int, names: tuple[str, ..
     for name in names:
         dtype, setting = settings[name]
         vae.to(dtype)
-        _free(device)
+        reset_memory(device == "cuda")
         with setting():
             seconds = median_ms(lambda dtype=dtype: vae.decode(latent.to(dtype)), repeats, 1, device) / 1e3
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -195,9 +188,7 @@ def _compiled_blocks(model: nn.Module):
 
 def step_ms(model: nn.Module, recipe: Recipe, inputs, args, device: str, backend: str) -> float:
     """Median ms of one step of ``recipe`` (the model patched for it, then unpatched)."""
-    sagesla.unpatch(model)
-    if recipe.topk is not None:
-        sagesla.patch(model, topk=recipe.topk, settings=SLASettings(backend=backend))
+    prepare(model, Config(recipe.label, topk=recipe.topk), backend, device == "cuda")
     cond, uncond = inputs
     forwards = [cond, uncond] if recipe.guided else [cond]
     with _compiled_blocks(model) if recipe.compiled else contextlib.nullcontext():
@@ -262,9 +253,9 @@ def run(args: argparse.Namespace) -> int:
     stem = pathlib.Path(args.out_dir) / f"{gpu_tag(gpu)}-e2e-video-{args.model}"
     encoder_s = text_encoder_seconds(device, args.model == "tiny", repeats=5)
     print(f"text encoder: {encoder_s if encoder_s is None else round(encoder_s, 4)} s", flush=True)
-    _free(device)
+    reset_memory(device == "cuda")
     vae_rows = vae_options(args.model, device, args.vae_repeats, EAGER_VAE)
-    _free(device)
+    reset_memory(device == "cuda")
     decode_s = vae_rows[0].decode_s
     model = build_wan(shape, device, dtype)
     inputs = guided_inputs(shape, device, dtype)
@@ -298,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         markdown = _write(stem, header, rows, vae_rows)
     if cuda:
         del model
-        _free(device)
+        reset_memory(device == "cuda")
         vae_rows += vae_options(args.model, device, args.vae_repeats, COMPILED_VAE)
         markdown = _write(stem, header, rows, vae_rows)
     print(markdown)
