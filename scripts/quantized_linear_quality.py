@@ -27,17 +27,15 @@ import copy
 import dataclasses
 import pathlib
 import statistics
-import time
 
 import torch
 from torch import nn
 
 import sagesla
 from sagesla import cli, metrics
-from sagesla.calibration.sampling import denoise
-from sagesla.embedded.demo import DEMO_PROMPTS
+from sagesla.embedded.demo import DEMO_PROMPTS, sample_video
 from sagesla.embedded.model import LATENT_SHAPE, WEIGHTS, load
-from sagesla.embedded.videos import PROMPTS, from_latent
+from sagesla.embedded.videos import PROMPTS
 from sagesla.quantized_linear import quantize_linear
 from sagesla.tables import gpu_tag, markdown_table, run_header, write_report
 
@@ -70,18 +68,6 @@ class PromptRow:
     psnr_vs_exact_db: float
     ssim_vs_exact: float
     ms_per_step: float
-
-
-def _sample(model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int) -> tuple[torch.Tensor, float]:
-    """(video [3, F, S, S] in [-1, 1], ms per step) of ``noise`` [1, C, F, H, W] denoised with ``text``."""
-    cuda = noise.is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    latent = denoise(model, noise, text, steps)
-    if cuda:
-        torch.cuda.synchronize()
-    return from_latent(latent)[0].clamp(-1, 1), (time.perf_counter() - start) * 1e3 / steps
 
 
 def _to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -180,9 +166,10 @@ def main() -> None:
             skipped[name] = f"not run: {error}"
             continue
         variants.append(Variant(name, linear, topk, layers, parameter_bytes / 2**20))
-        _sample(model, noises[0], texts[0], 1)  # warm-up (Triton compilation, caches): untimed
+        sample_video(model, noises[0], texts[0], 1)  # warm-up (Triton compilation, caches): untimed
         for prompt, noise, text in zip(prompts, noises, texts, strict=True):
-            video, ms = _sample(model, noise, text, args.steps)
+            sampled = sample_video(model, noise, text, args.steps)
+            video, ms = sampled.video, sampled.ms_per_step
             # Dense runs first, and each attention with exact linears before its quantized variants.
             reference = videos.setdefault((prompt, None), video)
             exact = videos.setdefault((prompt, topk), video)

@@ -93,19 +93,21 @@ class VideoDemo:
 
 
 @dataclass(frozen=True)
-class _Sample:
+class SampledVideo:
+    """A video ``sample_video`` denoised, its time per step and its sparsity."""
+
     video: torch.Tensor  # [3, F, S, S] in [-1, 1]
     ms_per_step: float
     # Mean over the self-attention layers of the fraction of block pairs the last call skipped (0 in dense ones).
     sparsity: float
 
 
-def _sample(
-    model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float, layers: int
-) -> _Sample:
+def sample_video(
+    model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float = 1.0, layers: int = 0
+) -> SampledVideo:
     """Denoise ``noise`` [1, C, F, H, W] with ``text`` [1, 4, E] in ``steps`` steps (classifier-free ``guidance``
     against the null prompt), timed to the model's device. ``layers``: the model's self-attention layers, SLA's
-    and those left dense (the sparsity's denominator)."""
+    and those left dense (the sparsity's denominator; 0: the SLA layers alone)."""
     from sagesla.calibration.sampling import denoise
 
     cuda = next(model.parameters()).is_cuda
@@ -117,7 +119,7 @@ def _sample(
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) * 1e3 / steps
     skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
-    return _Sample(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(layers, len(skipped), 1))
+    return SampledVideo(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(layers, len(skipped), 1))
 
 
 def _frames(videos: list[torch.Tensor], scale: int = 4):
@@ -130,7 +132,7 @@ def _frames(videos: list[torch.Tensor], scale: int = 4):
     return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in pixels]
 
 
-def _write_pictures(out: pathlib.Path, columns: list[list[_Sample]], every: int = 5) -> None:
+def _write_pictures(out: pathlib.Path, columns: list[list[SampledVideo]], every: int = 5) -> None:
     """``demo.gif``: per prompt, its videos of every column side by side, prompt after prompt; ``frames.png``: the
     same still, one row per prompt holding every ``every``-th frame (0, 5, 10, 15 of 16)."""
     from PIL import Image
@@ -160,7 +162,11 @@ def _dense_model(
 
 
 def _summary(
-    name: str, topk: float | None, samples: list[_Sample], dense: list[_Sample] | None, layers: tuple[int, int]
+    name: str,
+    topk: float | None,
+    samples: list[SampledVideo],
+    dense: list[SampledVideo] | None,
+    layers: tuple[int, int],
 ) -> VariantResult:
     """Means over the prompts; PSNR and SSIM against ``dense`` (None when this is dense); ``layers``: (left dense,
     self-attention layers)."""
@@ -255,9 +261,11 @@ def run_video_demo(
     profile.save(out / "profile.safetensors")
     plot_profile(profile, str(out / "profile.png"))
 
-    def run(variant: nn.Module, layers: int) -> list[_Sample]:
-        _sample(variant, noise(0, 0), texts[0], 1, guidance, layers)  # warm-up (Triton compilation, caches): untimed
-        return [_sample(variant, noise(i, 0), text, steps, guidance, layers) for i, text in enumerate(texts)]
+    def run(variant: nn.Module, layers: int) -> list[SampledVideo]:
+        sample_video(
+            variant, noise(0, 0), texts[0], 1, guidance, layers
+        )  # warm-up (Triton compilation, caches): untimed
+        return [sample_video(variant, noise(i, 0), text, steps, guidance, layers) for i, text in enumerate(texts)]
 
     dense = run(model, 0)
     # Per variant: (self-attention layers left dense, self-attention layers).
