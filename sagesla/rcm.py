@@ -76,8 +76,7 @@ T2V_SIGMA_MAX = 80.0
 I2V_SIGMA_MAX = 200.0
 # rcm_sample sets these itself: the models sample without guidance, in ``steps`` steps, from its own start noise.
 RESERVED_CALL_KWARGS = ("guidance_scale", "guidance_scale_2", "num_inference_steps", "latents")
-# The pipelines rcm_sample serves, with their default sigma_max. Matched by class name along the MRO: diffusers
-# exports them as placeholders where `transformers` is missing, so an isinstance check could not see them.
+# The pipelines rcm_sample serves (by class name), with their default sigma_max.
 PIPELINE_SIGMA_MAX = {"WanPipeline": T2V_SIGMA_MAX, "WanImageToVideoPipeline": I2V_SIGMA_MAX}
 
 
@@ -280,14 +279,17 @@ class RCMScheduler(SchedulerMixin, ConfigMixin):
 
 def _pipeline_kind(pipe: object) -> str:
     """The name of the ``PIPELINE_SIGMA_MAX`` class ``pipe`` is an instance of."""
-    for kind in type(pipe).__mro__:
-        if kind.__name__ in PIPELINE_SIGMA_MAX and kind.__module__.startswith("diffusers."):
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    for kind in (WanPipeline, WanImageToVideoPipeline):
+        if isinstance(pipe, kind):
             return kind.__name__
     raise TypeError(f"`pipe` must be a diffusers WanPipeline or WanImageToVideoPipeline, got {type(pipe).__name__}")
 
 
-def _latent_shape(pipe: DiffusionPipeline, call_kwargs: dict) -> tuple[int, int, int, int, int]:
-    """[B, C, F, H, W] of the latents ``pipe(**call_kwargs)`` would draw, computed as the pipeline computes it."""
+def _latent_shape(pipe: DiffusionPipeline, kind: str, call_kwargs: dict) -> tuple[int, int, int, int, int]:
+    """[B, C, F, H, W] of the latents ``pipe(**call_kwargs)`` would draw, computed as the pipeline (of ``kind``, its
+    ``_pipeline_kind``) computes it."""
     defaults = inspect.signature(type(pipe).__call__).parameters
 
     def argument(name: str) -> object:
@@ -313,8 +315,7 @@ def _latent_shape(pipe: DiffusionPipeline, call_kwargs: dict) -> tuple[int, int,
         raise ValueError("rcm_sample needs `prompt` (a str or list of str) or `prompt_embeds` (a tensor [B, T, D])")
     batch *= argument("num_videos_per_prompt")
     # The I2V pipeline draws vae.config.z_dim channels (its transformer also reads the condition), T2V in_channels.
-    image_to_video = _pipeline_kind(pipe) == "WanImageToVideoPipeline"
-    channels = pipe.vae.config.z_dim if image_to_video else transformer.config.in_channels
+    channels = pipe.vae.config.z_dim if kind == "WanImageToVideoPipeline" else transformer.config.in_channels
     return (batch, channels, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
 
 
@@ -370,7 +371,7 @@ def rcm_sample(
     device = pipe._execution_device
     # Checks sigma_max against steps before any work; the pipeline sets the same schedule again.
     scheduler.set_timesteps(steps, device=device)
-    shape = _latent_shape(pipe, call_kwargs)
+    shape = _latent_shape(pipe, kind, call_kwargs)
     if generator is None:
         generator = torch.Generator(device).manual_seed(int(torch.randint(2**62, ())))
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma
