@@ -54,6 +54,8 @@ WAN_DEFAULTS = {
 }
 
 _PREFIXES = ("net.", "model.diffusion_model.")
+# TurboDiffusion's proj_l keys: the format (block, "weight" / "bias") and its pattern.
+_PROJ_L_KEY = "blocks.{}.self_attn.attn_op.local_attn.proj_l.{}"
 _PROJ_L = re.compile(r"^blocks\.(\d+)\.self_attn\.attn_op\.local_attn\.proj_l\.(weight|bias)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
@@ -431,7 +433,7 @@ def _infer(state: Mapping[str, torch.Tensor], given: dict | None, what: str) -> 
     shapes["image_dim"] = state["img_emb.proj.0.weight"].shape[0] if image else None
     k_img = any(key.startswith("blocks.0.cross_attn.k_img.") for key in state)
     shapes["added_kv_proj_dim"] = _weight(state, "blocks.0.cross_attn.k_img", what).shape[1] if k_img else None
-    proj_l = state.get("blocks.0.self_attn.attn_op.local_attn.proj_l.weight")
+    proj_l = state.get(_PROJ_L_KEY.format(0, "weight"))
     if proj_l is not None:
         shapes["attention_head_dim"] = proj_l.shape[-1]
         shapes["num_attention_heads"] = _divide(dim, proj_l.shape[-1], "proj_l (the head dim)", what)
@@ -493,8 +495,8 @@ def _plan(state: dict[str, torch.Tensor], wan: WanConfig, model: torch.nn.Module
     recipes: dict[str, tuple] = {}
     sla: dict[str, str] = {}
     for key in state:
-        if proj_l := _PROJ_L.match(key):
-            sla[f"blocks.{proj_l[1]}.attn1.{checkpoints.SLA_ATTRIBUTE}.proj_l.{proj_l[2]}"] = key
+        if _PROJ_L.match(key):
+            sla[checkpoints.model_key(key)] = key
         elif key.endswith(".int8_weight"):
             base = key.removesuffix(".int8_weight")
             if f"{base}.scale" not in state:
@@ -562,7 +564,7 @@ def _check_sla(state: Mapping[str, torch.Tensor], sla: Mapping[str, str], config
     problems = []
     for block in range(config["num_layers"]):
         for name, shape in (("weight", [head_dim, head_dim]), ("bias", [head_dim])):
-            key = f"blocks.{block}.self_attn.attn_op.local_attn.proj_l.{name}"
+            key = _PROJ_L_KEY.format(block, name)
             tensor = state.get(key)
             if tensor is None:
                 problems.append(f"missing {key!r} (other blocks have SLA weights)")

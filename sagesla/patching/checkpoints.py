@@ -78,7 +78,7 @@ def sla_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
-def _model_key(key: str) -> str:
+def model_key(key: str) -> str:
     """A checkpoint key in our scheme (TurboDiffusion's and the community conversions' keys translated)."""
     turbo = _TURBO_KEY.match(key)
     return f"blocks.{turbo[1]}.attn1.{SLA_ATTRIBUTE}.proj_l.{turbo[2]}" if turbo else key
@@ -230,7 +230,7 @@ def load_sla_weights(
     chosen: dict[str, str] = {}
     unexpected, doubles, problems = [], [], []
     for key, tensor in found.items():
-        target = _model_key(key)
+        target = model_key(key)
         if target not in parameters:
             unexpected.append(key)
         elif target in chosen:
