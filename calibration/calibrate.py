@@ -9,6 +9,7 @@ import sagesla
 from sagesla import validation
 from sagesla.calibration import sampling
 from sagesla.calibration.choose import check_selection, choose
+from sagesla.calibration.quality import OutputJudge, check_target_psnr, choose_at_quality
 from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
 from sagesla.profile import Profile
 from sagesla.settings import SLASettings
@@ -38,6 +39,7 @@ def calibrate(
     budget: float = 0.05,
     metric: str = "rel_l1",
     target_sparsity: float | None = None,
+    target_psnr: float | None = None,
     per_head: bool = False,
     buckets: int | Sequence[float] = 1,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
@@ -49,7 +51,11 @@ def calibrate(
     Each input is denoised from its noise by the *dense* model (Euler flow matching, ``steps`` steps), so the
     trajectory is exactly the unpatched model's. At the ``record_steps``, every self-attention call also runs
     SageSLA at each candidate topk with the layer's SLA module and records rel-L1, cosine and sparsity per layer,
-    head and timestep bucket (``Recording``); then ``choose`` picks topk.
+    head and timestep bucket (``Recording``); then ``choose`` picks topk. With ``target_psnr``,
+    ``choose_at_quality`` picks it instead: the sparsest profile of the Lagrangian path whose output PSNR against
+    this run's dense final latents reaches the target, judged by sampling the inputs again with the model
+    following each profile tried (``OutputJudge``: about log2(path length) x ``len(inputs)`` x ``steps`` more
+    forwards).
 
     Args:
         model: a diffusers ``WanTransformer3DModel``. If it is patched already (``sagesla.patch``, e.g. with
@@ -60,11 +66,14 @@ def calibrate(
         steps: denoising steps per input; record_steps: indices of the steps measured (default all).
         shift: the scheduler's timestep shift (Wan: 3.0 at 480p, 5.0 at 720p).
         budget, metric, per_head, target_sparsity: as in ``choose``.
+        target_psnr: instead of a budget, the output PSNR (dB, finite > 0) to reach, as in ``choose_at_quality``
+            (``metric`` then picks the mean error it allocates; ``budget`` is ignored; not with ``target_sparsity``
+            or ``per_head``). If even topk 1.0 everywhere misses it, that profile comes back with ``met`` False.
         buckets: timestep buckets with their own topk: an int N splits the recorded steps' timesteps into N groups
             of equal size, or give the ascending edges between buckets.
         candidates: topk values to evaluate (1.0 is always added).
         settings: the ``SLASettings`` to patch with when ``model`` is not patched (default: ``sagesla.patch``'s).
-        progress: show a progress bar over attention calls.
+        progress: show a progress bar over attention calls (and over the judged profiles).
     Returns:
         the ``Profile`` (``profile.save(path)`` writes it; ``sagesla.patch(model, profile=...)`` applies it).
     Example:
@@ -72,7 +81,9 @@ def calibrate(
         >>> inputs = [(torch.randn(1, 16, 4, 32, 32), torch.randn(1, 8, 32))]
         >>> profile = calibrate(tiny_wan_transformer(), inputs, steps=4, budget=0.3)
     """
-    check_selection(budget, metric, per_head, target_sparsity)
+    # With target_psnr the budget is ignored.
+    check_selection(budget if target_psnr is None else 0.0, metric, per_head, target_sparsity)
+    check_target_psnr(target_psnr, target_sparsity, per_head)
     recorded = _record_steps(steps, record_steps)
     schedule = sampling.timesteps(shift, steps)
     if isinstance(buckets, int):
@@ -90,11 +101,13 @@ def calibrate(
             recording.active = index in recorded
 
         with recording:
-            for latents, text in inputs:
-                sampling.denoise(model, latents, text, steps, shift, before_step)
+            dense = [sampling.denoise(model, latents, text, steps, shift, before_step) for latents, text in inputs]
         measurements = recording.measurements(
             steps=steps, record_steps=recorded, shift=shift, timesteps=schedule, inputs=len(inputs)
         )
+        if target_psnr is not None:
+            judge = OutputJudge(model, inputs, steps=steps, shift=shift, dense=dense)
+            return choose_at_quality(measurements, judge, target_psnr, metric=metric, progress=progress)
     finally:
         if patch_here:
             sagesla.unpatch(model)

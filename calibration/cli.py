@@ -39,7 +39,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register ``calibrate`` on the ``sagesla`` command's subparsers."""
     parser = subparsers.add_parser(
         "calibrate",
-        help="choose per-layer topk within an error budget and write a profile",
+        help="choose per-layer topk within an error budget (or for an output PSNR) and write a profile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -82,6 +82,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     goal = parser.add_mutually_exclusive_group()
     goal.add_argument("--budget", type=arguments.budget, default=0.05, help="bound on the worst error of every call")
     goal.add_argument("--target-sparsity", type=arguments.fraction, help="instead of --budget: mean sparsity to reach")
+    goal.add_argument(
+        "--target-psnr",
+        type=arguments.positive_number,
+        help="instead of --budget: output PSNR (dB) to reach, judged by sampling the inputs again",
+    )
     parser.add_argument("--metric", choices=METRICS, default="rel_l1", help="rel_l1, or cosine (1 - cosine)")
     parser.add_argument(
         "--topk-grid", type=arguments.topk, nargs="+", default=list(DEFAULT_CANDIDATES), help="candidates"
@@ -144,6 +149,10 @@ def check_arguments(args: argparse.Namespace, config: dict) -> None:
     if args.buckets > recorded:
         raise arguments.UsageError(
             f"argument --buckets: must be in [1, {recorded}] (the recorded steps), got {args.buckets}"
+        )
+    if args.target_psnr is not None and args.per_head:
+        raise arguments.UsageError(
+            "argument --per-head: applies to the budget rule, not with --target-psnr (which allocates per layer)"
         )
     if args.plot is not None and os.path.abspath(args.plot) == os.path.abspath(args.out):
         raise arguments.UsageError(f"argument --plot: must differ from --out, got {args.plot!r} for both")
@@ -262,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         budget=args.budget,
         metric=args.metric,
         target_sparsity=args.target_sparsity,
+        target_psnr=args.target_psnr,
         per_head=args.per_head,
         buckets=args.buckets,
         candidates=args.topk_grid,

@@ -120,25 +120,27 @@ class _LayerStats:
                 total += value.sum(dim=1)
 
 
-class _Progress:
-    """tqdm over calls when installed; otherwise a one-line counter on stderr. Silent when not ``enabled``."""
+class Progress:
+    """tqdm over steps (``unit``) when installed; otherwise a one-line counter on stderr. Silent when not
+    ``enabled``."""
 
-    def __init__(self, total: int | None, enabled: bool):
+    def __init__(self, total: int | None, enabled: bool, description: str = "calibrating", unit: str = "call"):
         self.total, self.count, self.bar = total, 0, None
-        self.enabled = enabled
+        self.enabled, self.description, self.unit = enabled, description, unit
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, desc="calibrating", unit="call")
+            self.bar = tqdm(total=total, desc=description, unit=unit)
 
     def update(self) -> None:
         self.count += 1
         if self.bar is not None:
             self.bar.update(1)
         elif self.enabled:
-            print(f"\rcalibrating: {self.count}/{self.total or '?'} calls", end="", file=sys.stderr, flush=True)
+            counted = f"{self.count}/{self.total or '?'} {self.unit}s"
+            print(f"\r{self.description}: {counted}", end="", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -216,7 +218,7 @@ class Recording:
         return found
 
     def __enter__(self) -> "Recording":
-        self._progress = _Progress(self.total, self._show_progress)
+        self._progress = Progress(self.total, self._show_progress)
         for _, processor in self._processors:
             processor.observer = self._observe
         if self._tracker is not None:

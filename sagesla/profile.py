@@ -38,6 +38,9 @@ METRICS = ("rel_l1", "cosine")
 # The file's metadata keys, and the JSON header's fields (``Profile._header``), all required and nothing else.
 METADATA_KEYS = ("format", "schema_version", "profile", "sha256")
 HEADER_FIELDS = ("model_class", "layers", "attention", "candidates", "bucket_edges", "selection", "info")
+# ``selection`` fields newer than the format: written only when set, so a file without them (older, or of another
+# selection rule) reads as before with None, and older readers still read budget-mode files.
+SELECTION_OPTIONAL = ("target_psnr", "output_psnr")
 # Bounds of the header's numbers: far above any model or kernel configuration, low enough to stop a typo.
 MAX_BLOCK_SIZE = 1024
 MAX_HEADS = 1024
@@ -259,12 +262,18 @@ class Selection:
         budget: the bound every calibration observation met at the chosen topk (where ``met``).
         per_head: the bound was applied to every head (else to each layer's whole output).
         target_sparsity: the mean sparsity asked for, when the budget was derived from it; else None.
+        target_psnr: the output PSNR (dB) asked for, when topk was allocated for it
+            (``sagesla.calibration.choose_at_quality``: ``budget`` is then the largest worst error at the chosen
+            topk); else None.
+        output_psnr: the output PSNR (dB) measured with the chosen topk, given with ``target_psnr``; else None.
     """
 
     metric: str
     budget: float
     per_head: bool = False
     target_sparsity: float | None = None
+    target_psnr: float | None = None
+    output_psnr: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("selection.metric", self.metric, METRICS)
@@ -272,6 +281,20 @@ class Selection:
         _check_bool("selection.per_head", self.per_head)
         if self.target_sparsity is not None:
             _check_float("selection.target_sparsity", self.target_sparsity, "in [0, 1) or None", lambda t: 0 <= t < 1)
+        if self.target_psnr is not None:
+            _check_float("selection.target_psnr", self.target_psnr, "> 0 (dB) or None", lambda t: t > 0)
+        if self.output_psnr is not None:
+            _check_float("selection.output_psnr", self.output_psnr, "(dB) or None", lambda _: True)
+        if (self.target_psnr is None) != (self.output_psnr is None):
+            raise ProfileError(
+                "`selection.target_psnr` and `selection.output_psnr` must be given together (or neither), got "
+                f"{self.target_psnr!r} and {self.output_psnr!r}"
+            )
+        if self.target_psnr is not None and (self.target_sparsity is not None or self.per_head):
+            raise ProfileError(
+                "`selection.target_psnr` allocates per layer and excludes `selection.target_sparsity` and "
+                f"`selection.per_head`, got target_sparsity {self.target_sparsity!r}, per_head {self.per_head!r}"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -407,7 +430,11 @@ class Profile:
             "attention": {name: getattr(m.attention, name) for name in RECORDED_SETTINGS},
             "candidates": list(m.candidates),
             "bucket_edges": list(m.bucket_edges),
-            "selection": asdict(self.selection),
+            "selection": {
+                name: value
+                for name, value in asdict(self.selection).items()
+                if name not in SELECTION_OPTIONAL or value is not None
+            },
             "info": m.info,
         }
 
@@ -492,15 +519,21 @@ def _parse(text: str) -> object:
     return header
 
 
-def _fields(name: str, value: object, expected: Sequence[str]) -> dict:
-    """``value``, a JSON object with exactly the fields ``expected``."""
+def _fields(name: str, value: object, expected: Sequence[str], optional: Sequence[str] = ()) -> dict:
+    """``value``, a JSON object with exactly the fields ``expected`` and any of the ``optional`` ones, which are
+    never null (left out, they read as None: one spelling of each value)."""
     if not isinstance(value, dict):
         raise ProfileError(f"`{name}` must be an object with the fields {list(expected)}, got {_got(value)}")
-    missing, unexpected = [key for key in expected if key not in value], sorted(value.keys() - set(expected))
+    allowed = [*expected, *optional]
+    missing, unexpected = [key for key in expected if key not in value], sorted(value.keys() - set(allowed))
     if missing or unexpected:
+        also = f" (optional: {list(optional)})" if optional else ""
         raise ProfileError(
-            f"`{name}` must have the fields {list(expected)}: missing {missing}, unexpected {unexpected}"
+            f"`{name}` must have the fields {list(expected)}{also}: missing {missing}, unexpected {unexpected}"
         )
+    for key in optional:
+        if key in value and value[key] is None:
+            raise ProfileError(f"`{name}.{key}` must be left out when it is null, got null")
     return value
 
 
@@ -520,7 +553,8 @@ def _build(header: object, tensors: dict[str, torch.Tensor]) -> Profile:
         layers.append(LayerSpec(*entry))
     attention = _fields("attention", header["attention"], RECORDED_SETTINGS)
     _check_settings(attention)
-    selection = _fields("selection", header["selection"], [item.name for item in fields(Selection)])
+    required = [item.name for item in fields(Selection) if item.name not in SELECTION_OPTIONAL]
+    selection = _fields("selection", header["selection"], required, SELECTION_OPTIONAL)
     measurements = Measurements(
         model_class=header["model_class"],
         layers=tuple(layers),

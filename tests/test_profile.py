@@ -2,6 +2,7 @@
 that name the file and the field. Synthetic profiles of a few kilobytes, no model."""
 
 import copy
+import dataclasses
 import hashlib
 import json
 
@@ -112,6 +113,37 @@ def test_round_trip_and_digest_ignores_only_layout(saved, tmp_path):
     assert load_profile(relaid)._header() == original._header()
 
 
+def test_an_output_psnr_selection_round_trips_and_a_file_without_it_reads_as_none(saved, tmp_path):
+    quality = Selection("rel_l1", 0.4, target_psnr=35.0, output_psnr=36.25)
+    path = tmp_path / "quality.safetensors"
+    dataclasses.replace(make_profile(), selection=quality).save(path)
+    header = json.loads(stored(path)[0]["profile"])
+    assert header["selection"] == {
+        "metric": "rel_l1",
+        "budget": 0.4,
+        "per_head": False,
+        "target_sparsity": None,
+        "target_psnr": 35.0,
+        "output_psnr": 36.25,
+    }
+    assert load_profile(path).selection == quality
+    # A budget-mode file, as every file written before these fields: none of them, read as None.
+    assert sorted(json.loads(stored(saved)[0]["profile"])["selection"]) == [
+        "budget",
+        "metric",
+        "per_head",
+        "target_sparsity",
+    ]
+    assert load_profile(saved).selection == Selection("rel_l1", 0.4)
+    older = tmp_path / "older.safetensors"
+
+    def drop(header):
+        del header["selection"]["target_psnr"], header["selection"]["output_psnr"]
+
+    rewrite(path, older, drop, redigest=True)
+    assert load_profile(older).selection == Selection("rel_l1", 0.4)
+
+
 def test_dense_layers_are_the_layers_at_topk_one_in_every_bucket(saved, tmp_path):
     # make_profile's blocks.1 is at 1.0 below t = 500 only: not dense.
     assert load_profile(saved).dense_layers() == [] and make_profile().layer_topk()["blocks.1.attn1"] == (1.0, 0.5)
@@ -148,6 +180,7 @@ EDITS = {
     "per-head": ("selection.per_head", True),
     "metric": ("selection.metric", "cosine"),
     "target-sparsity": ("selection.target_sparsity", 0.5),
+    "target-psnr-added": ("selection.target_psnr", 35.0),
     "layer-heads": ("layers.0.1", 4),
     "layer-head-dim": ("layers.1.2", 128),
     "layer-name": ("layers.0.0", "blocks.9.attn1"),
@@ -251,6 +284,25 @@ MALFORMED = {
     "names-repeat": (_edit("layers.1.0", "blocks.0.attn1"), r"`layers` names must be unique"),
     "budget-negative": (_edit("selection.budget", -0.1), r"`selection.budget` must be a finite float >= 0, got float"),
     "target-one": (_edit("selection.target_sparsity", 1.0), r"`selection.target_sparsity` must be .* in \[0, 1\)"),
+    "target-psnr-str": (
+        _edit("selection.target_psnr", "35"),
+        r"`selection.target_psnr` must be a finite float > 0 \(dB\) or None, got str '35'",
+    ),
+    "target-psnr-int": (
+        _edit("selection.target_psnr", 35),
+        r"`selection.target_psnr` must be a finite float .*, got int",
+    ),
+    "target-psnr-zero": (_edit("selection.target_psnr", 0.0), r"`selection.target_psnr` must be a finite float > 0"),
+    "target-psnr-null": (_edit("selection.target_psnr", None), r"`selection.target_psnr` must be left out when it is"),
+    "output-psnr-alone": (
+        _edit("selection.output_psnr", 40.0),
+        r"`selection.target_psnr` and `selection.output_psnr` must be given together \(or neither\), got None and 40.0",
+    ),
+    "output-psnr-bool": (_edit("selection.output_psnr", True), r"`selection.output_psnr` must be a finite float"),
+    "psnr-and-sparsity": (
+        lambda h: h["selection"].update(target_sparsity=0.5, target_psnr=35.0, output_psnr=36.0),
+        r"`selection.target_psnr` allocates per layer and excludes `selection.target_sparsity`",
+    ),
     "candidate-zero": (_edit("candidates.0", 0.0), r"`candidates\[0\]` must be a finite float in \(0, 1\], got float"),
     "candidate-above-1": (_edit("candidates.2", 1.5), r"`candidates\[2\]` must be a finite float in \(0, 1\]"),
     "candidates-order": (_edit("candidates", [0.5, 0.1, 1.0]), r"`candidates` must be strictly ascending"),
@@ -259,6 +311,11 @@ MALFORMED = {
     "edges-order": (_edit("bucket_edges", [600.0, 500.0]), r"`bucket_edges` must be strictly ascending"),
     # structure: missing, extra, wrong length, wrong container, nesting
     "field-missing": (_pop("selection.per_head"), r"`selection` must have the fields .*: missing \['per_head'\]"),
+    "selection-extra": (
+        _edit("selection.psnr", 35.0),
+        r"`selection` must have the fields \['metric', 'budget', 'per_head', 'target_sparsity'\] \(optional: "
+        r"\['target_psnr', 'output_psnr'\]\): missing \[\], unexpected \['psnr'\]",
+    ),
     "field-extra": (_edit("extra", 1), r"`header` must have the fields .*: missing \[\], unexpected \['extra'\]"),
     "settings-extra": (_edit("attention.block_v", 64), r"`attention` must have .*unexpected \['block_v'\]"),
     "layers-missing": (_pop("layers"), r"`header` must have the fields .*: missing \['layers'\]"),
@@ -323,9 +380,27 @@ def test_header_json_is_parsed_strictly(saved, tmp_path, raw, message):
         (lambda: make_profile(attention=SLASettings(block_q=64, block_k=2048)), r"`attention.block_k` must be"),
         (lambda: Selection("rel_l1", 1), r"`selection.budget` must be a finite float >= 0, got int 1"),
         (lambda: Selection("rel_l1", 0.1, per_head=None), r"`selection.per_head` must be a bool, got NoneType"),
+        (lambda: Selection("rel_l1", 0.1, target_psnr=35.0), r"must be given together \(or neither\), got 35.0 and"),
+        (
+            lambda: Selection("rel_l1", 0.1, target_psnr=float("inf"), output_psnr=1.0),
+            r"`selection.target_psnr` must be a finite float > 0 \(dB\) or None, got float inf",
+        ),
+        (
+            lambda: Selection("rel_l1", 0.1, True, target_psnr=35.0, output_psnr=36.0),
+            r"excludes `selection.target_sparsity` and `selection.per_head`, got target_sparsity None, per_head True",
+        ),
         (lambda: LayerSpec("a", "2", 64), None),
     ],
-    ids=["blocks-unresolved", "block-k-huge", "budget-int", "per-head-none", "layer-spec"],
+    ids=[
+        "blocks-unresolved",
+        "block-k-huge",
+        "budget-int",
+        "per-head-none",
+        "psnr-alone",
+        "psnr-inf",
+        "psnr-per-head",
+        "layer-spec",
+    ],
 )
 def test_the_dataclasses_check_their_fields_when_built_in_code(build, message):
     if message is not None:
