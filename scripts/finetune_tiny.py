@@ -17,17 +17,25 @@ whole model (18 MB: with the dense weights beyond the 25 MB shipped, so it needs
 
 Writes ``--out`` atomically: ``sagesla.load_sla_weights`` loads it after ``sagesla.patch``, ``sagesla demo`` compares
 it; the metadata records topk, blocks, objective, what was trained, steps and the final loss.
+
+``--checkpoint``, ``--checkpoint-every``, ``--resume`` and ``--stop-after`` split one run over several, as in
+``train_tiny.py``: the state file holds the patched transformer, the optimizer, the schedule, the batch RNG and the
+losses; a resumed run gives the same ``--weights``, ``--steps`` and settings, and ``--out`` is written only once all
+``--steps`` are done.
 """
 
 import argparse
 import copy
+import os
 import pathlib
 
 import torch
 
 import sagesla
 from sagesla.calibration.sampling import DEFAULT_SHIFT
+from sagesla.cli import input_file, output_file, positive_int
 from sagesla.embedded import finetuned
+from sagesla.embedded.checkpoint import DEFAULT_EVERY, TrainingCheckpoint, load_state
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.training import Batches, distillation_loss, fit, flow_matching_loss
 from sagesla.patching.checkpoints import sla_parameters
@@ -54,12 +62,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="4 steps of batch 2 on CPU; 2 random blocks unless --weights"
     )
+    parser.add_argument(
+        "--checkpoint",
+        type=output_file,
+        help="write the training state there every --checkpoint-every steps and when the run stops "
+        "(default with --resume: the --resume file)",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=positive_int, default=DEFAULT_EVERY, help="steps between writes (%(default)s)"
+    )
+    parser.add_argument(
+        "--resume", type=input_file, help="continue the run a --checkpoint file holds (same --steps and settings)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=positive_int,
+        help="stop after this many steps of this run, writing the state; --out is written only once all --steps "
+        "are done",
+    )
     args = parser.parse_args()
     if args.out is None and (args.smoke or args.train == "all"):
         parser.error(
             "--out is required with --smoke and with --train all (the default is the shipped file, "
             f"{finetuned.SLA_WEIGHTS}, which holds proj_l only)"
         )
+    args.checkpoint = args.checkpoint or args.resume
+    if args.stop_after is not None and args.checkpoint is None:
+        parser.error("--stop-after needs --checkpoint (or --resume): the file the state goes to")
+    out = args.out if args.out is not None else finetuned.SLA_WEIGHTS
+    if args.checkpoint is not None and os.path.abspath(args.checkpoint) == os.path.abspath(out):
+        parser.error(f"--checkpoint must differ from --out, got {str(out)!r} for both")
     return args
 
 
@@ -85,6 +117,7 @@ def trainable_groups(model: torch.nn.Module, train: str, lr: float, transformer_
 
 def main() -> None:
     args = parse_args()
+    resume = load_state(args.resume) if args.resume else None
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
     if args.smoke:
         args.steps, args.batch = 4, 2
@@ -107,7 +140,18 @@ def main() -> None:
         batch = batches.draw(prompts)
         return flow_matching_loss(model, batch) if teacher is None else distillation_loss(model, teacher, batch)
 
-    run = fit(loss, groups, args.steps, device)
+    checkpoint = None
+    if args.checkpoint is not None:
+        # The frozen teacher is rebuilt from --weights (or the seed); these settings shape the loss beyond the file.
+        settings = {"objective": args.objective, "topk": str(args.topk), "blocks": f"{block_q}x{block_k}"}
+        modules = {"transformer": model, "prompts": prompts}
+        checkpoint = TrainingCheckpoint(
+            args.checkpoint, modules, batches, args.checkpoint_every, args.stop_after, settings
+        )
+    run = fit(loss, groups, args.steps, device, checkpoint, resume)
+    if not run.finished:
+        print(f"{run}; stopped: the state is in {args.checkpoint} (--resume it; --out comes after the last step)")
+        return
 
     record = finetuned.Finetune(
         args.topk, block_q, block_k, args.objective, args.train, args.steps, round(run.final_loss, 6)

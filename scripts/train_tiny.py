@@ -13,14 +13,26 @@ prompts dropped to the null prompt so classifier-free guidance can be used.
 Writes one safetensors file (transformer under ``transformer.``, prompt embedding under ``prompts.``) atomically,
 with the config, the steps (summed over ``--init`` stages) and the final loss in its metadata. ``--init`` continues
 from a file this script wrote (its config), with a fresh optimizer and schedule.
+
+Split one run over several (each ending cleanly within a time limit), ending where one uninterrupted run would:
+    python scripts/train_tiny.py --out stage1.safetensors --checkpoint state.safetensors --stop-after 2000
+    python scripts/train_tiny.py --out stage1.safetensors --resume state.safetensors --stop-after 2000
+    python scripts/train_tiny.py --out stage1.safetensors --resume state.safetensors     # the last 1500 steps
+``--checkpoint`` writes the training state (weights, optimizer, schedule, batch RNG, losses;
+``sagesla.embedded.checkpoint``) every ``--checkpoint-every`` steps and when the run stops; ``--resume`` continues
+it (same ``--steps`` and settings, and ``--init`` if the run had one) and keeps writing to it. ``--out`` is written
+only once all ``--steps`` are done.
 """
 
 import argparse
 import json
+import os
 
 import torch
 
 from sagesla.calibration.sampling import DEFAULT_SHIFT
+from sagesla.cli import input_file, output_file, positive_int
+from sagesla.embedded.checkpoint import DEFAULT_EVERY, TrainingCheckpoint, load_state
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, build, config_of, load, weights_tensors
 from sagesla.embedded.training import Batches, fit, flow_matching_loss
 from sagesla.files import save_file_atomic
@@ -52,7 +64,31 @@ def main() -> None:
     )
     parser.add_argument("--init", help="continue from weights this script wrote (default: fresh random weights)")
     parser.add_argument("--smoke", action="store_true", help="2 blocks, 4 steps of batch 2, on CPU")
+    parser.add_argument(
+        "--checkpoint",
+        type=output_file,
+        help="write the training state there every --checkpoint-every steps and when the run stops "
+        "(default with --resume: the --resume file)",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=positive_int, default=DEFAULT_EVERY, help="steps between writes (%(default)s)"
+    )
+    parser.add_argument(
+        "--resume", type=input_file, help="continue the run a --checkpoint file holds (same --steps and settings)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=positive_int,
+        help="stop after this many steps of this run, writing the state; --out is written only once all --steps "
+        "are done",
+    )
     args = parser.parse_args()
+    args.checkpoint = args.checkpoint or args.resume
+    if args.stop_after is not None and args.checkpoint is None:
+        parser.error("--stop-after needs --checkpoint (or --resume): the file the state goes to")
+    if args.checkpoint is not None and os.path.abspath(args.checkpoint) == os.path.abspath(args.out):
+        parser.error(f"--checkpoint must differ from --out, got {args.out!r} for both")
+    resume = load_state(args.resume) if args.resume else None
     config = dict(TINY_VIDEO_CONFIG)
     if args.smoke:
         config["num_layers"], args.steps, args.batch = 2, 4, 2
@@ -68,7 +104,14 @@ def main() -> None:
     prompts.to(device).train()
     batches = Batches(args.batch, args.seed, device, args.text_dropout, args.sigma_shift)
     groups = [{"params": [*model.parameters(), *prompts.parameters()], "lr": args.lr}]
-    run = fit(lambda: flow_matching_loss(model, batches.draw(prompts)), groups, args.steps, device)
+    checkpoint = None
+    if args.checkpoint is not None:
+        modules = {"transformer": model, "prompts": prompts}
+        checkpoint = TrainingCheckpoint(args.checkpoint, modules, batches, args.checkpoint_every, args.stop_after)
+    run = fit(lambda: flow_matching_loss(model, batches.draw(prompts)), groups, args.steps, device, checkpoint, resume)
+    if not run.finished:
+        print(f"{run}; stopped: the state is in {args.checkpoint} (--resume it; --out comes after the last step)")
+        return
     steps = str(earlier + args.steps)
     metadata = {"config": json.dumps(config), "steps": steps, "final_loss": f"{run.final_loss:.5f}"}
     metadata["text_dropout"], metadata["sigma_shift"] = str(args.text_dropout), str(args.sigma_shift)
