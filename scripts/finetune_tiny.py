@@ -26,16 +26,14 @@ losses; a resumed run gives the same ``--weights``, ``--steps`` and settings, an
 
 import argparse
 import copy
-import os
 import pathlib
 
 import torch
 
 import sagesla
 from sagesla.calibration.sampling import DEFAULT_SHIFT
-from sagesla.cli import input_file, output_file, positive_int
 from sagesla.embedded import finetuned
-from sagesla.embedded.checkpoint import DEFAULT_EVERY, TrainingCheckpoint, load_state
+from sagesla.embedded.checkpoint import TrainingCheckpoint, add_resume_arguments, check_resume_arguments, load_state
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS, build, load
 from sagesla.embedded.training import Batches, distillation_loss, fit, flow_matching_loss
 from sagesla.patching.checkpoints import sla_parameters
@@ -62,36 +60,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--smoke", action="store_true", help="4 steps of batch 2 on CPU; 2 random blocks unless --weights"
     )
-    parser.add_argument(
-        "--checkpoint",
-        type=output_file,
-        help="write the training state there every --checkpoint-every steps and when the run stops "
-        "(default with --resume: the --resume file)",
-    )
-    parser.add_argument(
-        "--checkpoint-every", type=positive_int, default=DEFAULT_EVERY, help="steps between writes (%(default)s)"
-    )
-    parser.add_argument(
-        "--resume", type=input_file, help="continue the run a --checkpoint file holds (same --steps and settings)"
-    )
-    parser.add_argument(
-        "--stop-after",
-        type=positive_int,
-        help="stop after this many steps of this run, writing the state; --out is written only once all --steps "
-        "are done",
-    )
+    add_resume_arguments(parser)
     args = parser.parse_args()
     if args.out is None and (args.smoke or args.train == "all"):
         parser.error(
             "--out is required with --smoke and with --train all (the default is the shipped file, "
             f"{finetuned.SLA_WEIGHTS}, which holds proj_l only)"
         )
-    args.checkpoint = args.checkpoint or args.resume
-    if args.stop_after is not None and args.checkpoint is None:
-        parser.error("--stop-after needs --checkpoint (or --resume): the file the state goes to")
-    out = args.out if args.out is not None else finetuned.SLA_WEIGHTS
-    if args.checkpoint is not None and os.path.abspath(args.checkpoint) == os.path.abspath(out):
-        parser.error(f"--checkpoint must differ from --out, got {str(out)!r} for both")
+    check_resume_arguments(parser, args, args.out if args.out is not None else finetuned.SLA_WEIGHTS)
     return args
 
 

@@ -26,13 +26,11 @@ only once all ``--steps`` are done.
 
 import argparse
 import json
-import os
 
 import torch
 
 from sagesla.calibration.sampling import DEFAULT_SHIFT
-from sagesla.cli import input_file, output_file, positive_int
-from sagesla.embedded.checkpoint import DEFAULT_EVERY, TrainingCheckpoint, load_state
+from sagesla.embedded.checkpoint import TrainingCheckpoint, add_resume_arguments, check_resume_arguments, load_state
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, build, config_of, load, weights_tensors
 from sagesla.embedded.training import Batches, fit, flow_matching_loss
 from sagesla.files import save_file_atomic
@@ -64,30 +62,9 @@ def main() -> None:
     )
     parser.add_argument("--init", help="continue from weights this script wrote (default: fresh random weights)")
     parser.add_argument("--smoke", action="store_true", help="2 blocks, 4 steps of batch 2, on CPU")
-    parser.add_argument(
-        "--checkpoint",
-        type=output_file,
-        help="write the training state there every --checkpoint-every steps and when the run stops "
-        "(default with --resume: the --resume file)",
-    )
-    parser.add_argument(
-        "--checkpoint-every", type=positive_int, default=DEFAULT_EVERY, help="steps between writes (%(default)s)"
-    )
-    parser.add_argument(
-        "--resume", type=input_file, help="continue the run a --checkpoint file holds (same --steps and settings)"
-    )
-    parser.add_argument(
-        "--stop-after",
-        type=positive_int,
-        help="stop after this many steps of this run, writing the state; --out is written only once all --steps "
-        "are done",
-    )
+    add_resume_arguments(parser)
     args = parser.parse_args()
-    args.checkpoint = args.checkpoint or args.resume
-    if args.stop_after is not None and args.checkpoint is None:
-        parser.error("--stop-after needs --checkpoint (or --resume): the file the state goes to")
-    if args.checkpoint is not None and os.path.abspath(args.checkpoint) == os.path.abspath(args.out):
-        parser.error(f"--checkpoint must differ from --out, got {args.out!r} for both")
+    check_resume_arguments(parser, args, args.out)
     resume = load_state(args.resume) if args.resume else None
     config = dict(TINY_VIDEO_CONFIG)
     if args.smoke:

@@ -15,6 +15,7 @@ One safetensors file, written atomically (``sagesla.files.save_file_atomic``) an
   ``run`` (JSON: other settings the run was made with).
 """
 
+import argparse
 import json
 import os
 from collections.abc import Mapping
@@ -382,3 +383,38 @@ def _trainable_difference(theirs: list[list[str]], ours: list[list[str]]) -> str
 
 def _described(error: BaseException) -> str:
     return f"missing entry {error}" if isinstance(error, KeyError) else str(error)
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training scripts' options to split a run: ``--checkpoint``, ``--checkpoint-every``, ``--resume`` and
+    ``--stop-after`` (``check_resume_arguments`` resolves them once parsed)."""
+    from sagesla.cli import input_file, output_file, positive_int
+
+    parser.add_argument(
+        "--checkpoint",
+        type=output_file,
+        help="write the training state there every --checkpoint-every steps and when the run stops "
+        "(default with --resume: the --resume file)",
+    )
+    parser.add_argument(
+        "--checkpoint-every", type=positive_int, default=DEFAULT_EVERY, help="steps between writes (%(default)s)"
+    )
+    parser.add_argument(
+        "--resume", type=input_file, help="continue the run a --checkpoint file holds (same --steps and settings)"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=positive_int,
+        help="stop after this many steps of this run, writing the state; --out is written only once all --steps "
+        "are done",
+    )
+
+
+def check_resume_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, out: str | os.PathLike) -> None:
+    """Resolve ``args.checkpoint`` (default: the ``--resume`` file); ``parser.error`` (one line, exit status 2)
+    for ``--stop-after`` without a state file, or a state file that is ``out``, the weights file."""
+    args.checkpoint = args.checkpoint or args.resume
+    if args.stop_after is not None and args.checkpoint is None:
+        parser.error("--stop-after needs --checkpoint (or --resume): the file the state goes to")
+    if args.checkpoint is not None and os.path.abspath(args.checkpoint) == os.path.abspath(out):
+        parser.error(f"--checkpoint must differ from --out, got {str(out)!r} for both")
