@@ -259,6 +259,16 @@ def run_in_threads(call: Callable[[object], object], keys: Sequence, repeats: in
     return results
 
 
+def seeded_wan_inputs(seeds: Sequence[int], shape: tuple[int, int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Calibration inputs for ``sagesla.wan_shapes.tiny_wan_transformer``, one per seed: (noise [1, 16, F, H, W],
+    text [1, 8, 32]) drawn from that seed; ``shape`` (F, H, W) gives F * H * W / 4 tokens."""
+    inputs = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        inputs.append((torch.randn(1, 16, *shape, generator=generator), torch.randn(1, 8, 32, generator=generator)))
+    return inputs
+
+
 def synthetic_measurements(
     head_errors: torch.Tensor,
     candidates: Sequence[float],

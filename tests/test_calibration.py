@@ -17,13 +17,15 @@ import sagesla
 from sagesla import metrics
 from sagesla.profile import RECORDED_SETTINGS, Measurements, Profile, ProfileError, load_profile
 from sagesla.settings import SLASettings
-from sagesla.testing import run_in_threads, synthetic_measurements
+from sagesla.testing import run_in_threads, seeded_wan_inputs, synthetic_measurements
 
 pytest.importorskip("diffusers")
 
 from sagesla import files
 from sagesla.calibration import Recording, calibrate, choose, plot_profile, sampling, summary  # noqa: E402
 from sagesla.wan_shapes import run_wan, tiny_wan_transformer  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The tiny model's attention is diffuse (random weights), so SageSLA's rel-L1 at the grid's topk spans about
 # 0.2 (topk 0.5) to 0.8 (1 of 16 key blocks): a budget of 0.4 lands mid-grid.
@@ -37,28 +39,14 @@ CANDIDATES = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 TINY_SETTINGS = SLASettings(quantized=True, block_q=128, block_k=64, backend="auto", pv_precision="fp8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: with ``pytest -n 2`` on 2 busy cores, torch's default threads oversubscribe them and the
-    tiny model's forward measured 50x slower (0.5 s instead of 0.01 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return tiny_wan_transformer()
 
 
 def seeded_inputs(seeds, shape=(4, 32, 32)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(noise [1, 16, F, H, W], text [1, 8, 32]) per seed: 1024 tokens, 16 key blocks of 64 by default."""
-    inputs = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        inputs.append((torch.randn(1, 16, *shape, generator=generator), torch.randn(1, 8, 32, generator=generator)))
-    return inputs
+    """``seeded_wan_inputs``: 1024 tokens, 16 key blocks of 64 by default."""
+    return seeded_wan_inputs(seeds, shape)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import sagesla
 from sagesla.profile import Measurements, Profile, load_profile
 from sagesla.settings import SLASettings
-from sagesla.testing import synthetic_measurements
+from sagesla.testing import seeded_wan_inputs, synthetic_measurements
 
 pytest.importorskip("diffusers")
 
@@ -33,20 +33,13 @@ from sagesla.calibration import (  # noqa: E402
 from sagesla.calibration.quality import budget_path  # noqa: E402
 from sagesla.wan_shapes import tiny_wan_transformer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = SLASettings(quantized=True, block_q=128, block_k=64, backend="auto", pv_precision="fp8")
 STEPS = 2
 # The tiny model (random weights) at 256 tokens, 2 steps, 2 timestep buckets: its Lagrangian path measured
 # 3019 (identical), 111.5, 108.3, 68.0, 65.4, ... 60.8 dB, so 66 dB lands mid-path.
 TARGET = 66.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: 2 busy cores oversubscribed by torch's default threads run the tiny model 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model() -> torch.nn.Module:
@@ -55,12 +48,8 @@ def tiny_model() -> torch.nn.Module:
 
 
 def seeded_inputs(seeds, shape=(4, 16, 16)) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(noise [1, 16, F, H, W], text [1, 8, 32]) per seed: 256 tokens, 4 key blocks of 64 by default."""
-    inputs = []
-    for seed in seeds:
-        generator = torch.Generator().manual_seed(seed)
-        inputs.append((torch.randn(1, 16, *shape, generator=generator), torch.randn(1, 8, 32, generator=generator)))
-    return inputs
+    """``seeded_wan_inputs``: 256 tokens, 4 key blocks of 64 by default."""
+    return seeded_wan_inputs(seeds, shape)
 
 
 def measured(mean_errors: torch.Tensor, candidates=(0.25, 0.5, 1.0), edges=()) -> Measurements:

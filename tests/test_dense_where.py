@@ -20,18 +20,11 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # no
 from sagesla.patching.processor import DENSE_STEPS  # noqa: E402
 from sagesla.patching.report import DENSE_LAYERS, PROFILE_DENSE  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 CROSS = ["blocks.0.attn2", "blocks.1.attn2"]
 CROSS_REASON = "cross-attention (text/image keys) stays dense"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: ``pytest -n 2`` on 2 cores would oversubscribe them (see test_calibration.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def at(inputs, timestep: float):

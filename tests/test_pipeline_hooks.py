@@ -35,16 +35,10 @@ MODEL_TOL = 1e-3
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 DIM, RANK = 128, 4
 # peft's note when a second adapter joins the first: stacking them is the point here.
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model's forwards are ~50x slower when two pytest workers each spin two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture
