@@ -3,6 +3,7 @@
 Usage:
     python scripts/calibrate_wan_check.py [--prompts 2 --steps 10] [--frames 21 --height 60 --width 104]
     python scripts/calibrate_wan_check.py --tiny    # CPU smoke run: the 2-block test model, 1024 tokens
+    python scripts/calibrate_wan_check.py --target-psnr 30    # to an output PSNR: the judging runs are timed too
 
 The budget: 2 prompts x 10 steps, 30 layers, 32760 tokens, 8 candidate topk in <= 10 minutes on one H100, warm-up
 included. The script times, on the same inputs:
@@ -10,7 +11,8 @@ included. The script times, on the same inputs:
      (no block skipped: quantization only) is the correctness check, and the timing stops if it looks wrong;
   2. dense: the denoising run of the unpatched model, nothing measured;
   3. calibrate: the same run under ``sagesla.calibration.calibrate`` (dense attention returned, every candidate
-     evaluated per attention call), then the choice.
+     evaluated per attention call), then the choice (with ``--target-psnr``: the profiles judged by sampling the
+     inputs again, included).
 Candidate evaluation = 3 - 2. Prints the split, the calls per second, the peak GPU memory and the summary table, and
 writes the profile (--out). The random-weight model's attention is diffuse, so most layers need a large topk: the
 choice is not the point here, the time is (it does not depend on the choice).
@@ -54,6 +56,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=60)
     parser.add_argument("--width", type=int, default=104)
     parser.add_argument("--budget", type=float, default=0.05)
+    parser.add_argument("--target-psnr", type=float, help="calibrate to this output PSNR in dB instead of --budget")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     parser.add_argument("--out", default="wan13b-random.profile.safetensors")
     parser.add_argument("--tiny", action="store_true", help="2-block model on CPU, 4 x 32 x 32 latents")
@@ -88,8 +91,9 @@ def main() -> None:
     _, dense_s = timed(lambda: [sampling.denoise(model, x, text, args.steps) for x, text in inputs])
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    goal = {"budget": args.budget} if args.target_psnr is None else {"target_psnr": args.target_psnr}
     profile, total_s = timed(
-        lambda: calibrate(model, inputs, steps=args.steps, budget=args.budget, settings=settings, progress=True)
+        lambda: calibrate(model, inputs, steps=args.steps, settings=settings, progress=True, **goal)
     )
     candidates_s = total_s - dense_s
     print(summary(profile))
@@ -100,7 +104,13 @@ def main() -> None:
         f"calibration:          {total_s:8.1f} s  ({calls} attention calls, {len(DEFAULT_CANDIDATES)} candidates "
         f"+ topk 1.0 each, {calls / total_s:.1f} calls/s)"
     )
-    print(f"candidate evaluation: {candidates_s:8.1f} s  ({candidates_s / calls * 1e3:.1f} ms per call)")
+    judged = "" if args.target_psnr is None else ", the judging runs included"
+    print(f"candidate evaluation: {candidates_s:8.1f} s  ({candidates_s / calls * 1e3:.1f} ms per call{judged})")
+    if args.target_psnr is not None:
+        print(
+            f"output PSNR:          {profile.selection.output_psnr:8.2f} dB (asked {args.target_psnr:g}), mean "
+            f"sparsity {profile.mean_sparsity():.1%}"
+        )
     print(f"dense share:          {dense_s / total_s:8.1%}")
     if device == "cuda":
         print(f"peak GPU memory:      {torch.cuda.max_memory_allocated() / 2**30:8.1f} GiB")

@@ -43,6 +43,8 @@ if [ "${SKIP_CALIB:-0}" != 1 ]; then
     timeout "${LIMIT:-900}" python3 scripts/calibrate_wan_check.py --budget 0.15 \
         --out "$OUT/wan13b-random.profile.safetensors" 2>&1 \
         | tee "$OUT/calibrate-wan.log" | tail -25
+    timeout "${LIMIT:-900}" python3 scripts/calibrate_wan_check.py --target-psnr 30 \
+        --out "$OUT/wan13b-random-psnr.profile.safetensors" 2>&1 | tee "$OUT/calibrate-wan-psnr.log" | tail -12
 fi
 if [ "${SKIP_E2E:-0}" != 1 ]; then
     PROFILE=$OUT/wan13b-random.profile.safetensors

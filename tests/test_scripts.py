@@ -182,3 +182,21 @@ def test_quantized_linear_quality_cpu_writes_results(tmp_path, monkeypatch):
     assert all(row["psnr_vs_exact_db"] > 40 for row in report["rows"])
     assert sorted(report["not_run"]) == ["SageSLA topk 0.5 + fp8", "fp8"]
     assert all("is on cpu" in why for why in report["not_run"].values())
+
+
+@pytest.mark.parametrize("goal", [[], ["--target-psnr", "40"]], ids=["budget", "target-psnr"])
+def test_calibrate_wan_check_tiny_times_a_calibration_and_writes_its_profile(tmp_path, monkeypatch, capsys, goal):
+    from sagesla.profile import load_profile
+
+    out = tmp_path / "tiny.profile"
+    argv = ["calibrate_wan_check.py", "--tiny", "--prompts", "1", "--steps", "2", "--budget", "0.3", *goal]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    runpy.run_path(str(SCRIPTS / "calibrate_wan_check.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    selection = load_profile(out).selection
+    assert "calibration:" in printed and "candidate evaluation:" in printed
+    if goal:
+        assert selection.target_psnr == 40 and selection.output_psnr >= 40
+        assert f"output PSNR:          {selection.output_psnr:8.2f} dB (asked 40)" in printed
+    else:
+        assert selection.budget == 0.3 and selection.target_psnr is None and "output PSNR" not in printed
