@@ -106,8 +106,7 @@ def choose(
 
 def check_selection(budget: float, metric: str, per_head: bool, target_sparsity: float | None) -> None:
     """Validate ``choose``'s arguments (``calibrate`` checks them before its run). Raises TypeError / ValueError."""
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)
     if not isinstance(per_head, bool):
         raise TypeError(f"`per_head` must be a bool, got {type(per_head).__name__}")
     if target_sparsity is not None:
@@ -117,3 +116,9 @@ def check_selection(budget: float, metric: str, per_head: bool, target_sparsity:
             raise ValueError(f"`target_sparsity` must be in [0, 1), got {target_sparsity}")
     elif not validation.is_number(budget) or not 0 <= budget < math.inf:
         raise ValueError(f"`budget` must be a finite number >= 0, got {budget!r}")
+
+
+def check_metric(metric: object) -> None:
+    """Raise ValueError unless ``metric`` is one of ``METRICS``."""
+    if metric not in METRICS:
+        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")

@@ -22,10 +22,10 @@ from torch import nn
 
 from sagesla import metrics, validation
 from sagesla.calibration import sampling
-from sagesla.calibration.choose import choose, worst_error
+from sagesla.calibration.choose import check_metric, choose, worst_error
 from sagesla.calibration.record import Progress
 from sagesla.patching.timesteps import TimestepTracker
-from sagesla.profile import METRICS, Measurements, Profile, Selection
+from sagesla.profile import Measurements, Profile, Selection
 
 logger = logging.getLogger("sagesla")
 
@@ -59,17 +59,12 @@ def check_target_psnr(target_psnr: object, target_sparsity: object = None, per_h
         )
 
 
-def _check_metric(metric: object) -> None:
-    if metric not in METRICS:
-        raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}")
-
-
 def mean_error(measurements: Measurements, metric: str) -> torch.Tensor:
     """The mean error over observations, [NL, NB, NC]: rel-L1 ("rel_l1") or 1 - cosine similarity ("cosine").
 
     The mean, not the worst case, is what the output error follows: a layer's error adds up over every call.
     """
-    _check_metric(metric)
+    check_metric(metric)
     return measurements.rel_l1_mean if metric == "rel_l1" else 1.0 - measurements.cosine_mean
 
 
@@ -432,7 +427,7 @@ def budget_at_quality(
         >>> print(f"target-psnr mode: {ours}; per-layer budget mode at equal quality: {theirs}")
     """
     check_target_psnr(target_psnr)
-    _check_metric(metric)
+    check_metric(metric)
     validation.check_bool("per_head", per_head)
     path = _from_dense_most(budget_path(measurements, metric, per_head), measurements, metric, per_head)
     index, psnr, met = _search(path, judge, float(target_psnr), progress)

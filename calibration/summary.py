@@ -69,8 +69,7 @@ def summary(profile: Profile) -> str:
 
 def _budget_rule(profile: Profile) -> str:
     selection = profile.selection
-    rule = "rel-L1" if selection.metric == "rel_l1" else "1 - cosine"
-    rule = f"budget: {rule} <= {selection.budget:.4g} on every observation"
+    rule = f"budget: {_error_name(selection.metric)} <= {selection.budget:.4g} on every observation"
     if selection.per_head:
         rule += " in every head"
     if selection.target_sparsity is not None:
@@ -81,7 +80,7 @@ def _budget_rule(profile: Profile) -> str:
 def _quality_rule(profile: Profile) -> list[str]:
     """The target PSNR, the measured one and the outcome, and what the allocation spent."""
     selection = profile.selection
-    error = "rel-L1" if selection.metric == "rel_l1" else "1 - cosine"
+    error = _error_name(selection.metric)
     outcome = "met" if bool(profile.met.all()) else "NOT met: even the largest candidate everywhere misses it"
     return [
         f"target: output PSNR >= {selection.target_psnr:g} dB (final latents against the dense model's, mean over "
@@ -89,3 +88,8 @@ def _quality_rule(profile: Profile) -> list[str]:
         f"allocation: mean {error} spent where it buys the most sparsity (Lagrangian); worst {error} at the "
         f"chosen topk <= {selection.budget:.4g}",
     ]
+
+
+def _error_name(metric: str) -> str:
+    """How the summary names the error a ``metric`` measures."""
+    return "rel-L1" if metric == "rel_l1" else "1 - cosine"
