@@ -197,8 +197,9 @@ def _shipped(given: str | None, shipped: pathlib.Path, what: str) -> str | pathl
 
 def _video_demo(args: argparse.Namespace, device: str) -> int:
     from sagesla.embedded import finetuned
-    from sagesla.embedded.demo import CALIBRATED, format_results, format_variants, run_video_demo
+    from sagesla.embedded.demo import CALIBRATED, Calibration, format_results, format_variants, run_video_demo
     from sagesla.embedded.model import WEIGHTS, load
+    from sagesla.profile import load_profile
 
     with reported_as("argument --out"):
         files.check_output_path(args.out, folder=True)
@@ -217,6 +218,13 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
     if sla_weights is not None:
         with reported_as("argument --sla-weights"):
             finetuned.read(sla_weights)
+    calibration = None
+    if args.profile is not None:
+        with reported_as("argument --profile"):
+            load_profile(args.profile)
+        calibration = Calibration(profile=pathlib.Path(args.profile))
+    elif args.target_psnr is not None or args.budget is not None:
+        calibration = Calibration(target_psnr=args.target_psnr, budget=args.budget)
     print(f"SageSLA video demo: the embedded model, {args.steps} denoising steps per prompt, device {device}")
     demo = run_video_demo(
         args.out,
@@ -224,10 +232,11 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
         sla_weights=sla_weights,
         steps=args.steps,
         guidance=args.guidance,
-        budget=args.budget,
+        calibration=calibration,
         seed=args.seed,
         device=device,
     )
+    print(f"SageSLA, calibrated: {demo.calibration}")
     print(format_results(demo.prompts))
     print()
     print(format_variants(demo.variants))
@@ -239,7 +248,7 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
         print(
             f"note: the calibrated profile keeps every key block in {calibrated.dense_layers} of {calibrated.layers} "
             "layers, which run diffusers' attention"
-            + (f": '{CALIBRATED}' is the dense model (a larger --budget may allow sparsity)" if every else "")
+            + (f": '{CALIBRATED}' is the dense model (a lower --target-psnr may allow sparsity)" if every else "")
         )
     columns = "dense | SageSLA calibrated" + (" | SageSLA fine-tuned" if demo.finetune is not None else "")
     print(f"wrote {args.out}/demo.gif ({columns}), frames.png, profile.png, profile.safetensors, report.json")
@@ -323,7 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     video.add_argument("--steps", type=positive_int, default=10, help="denoising steps")
     video.add_argument("--guidance", type=guidance, default=1.0, help="classifier-free guidance scale (1: none)")
-    video.add_argument("--budget", type=budget, default=0.05, help="calibration budget (worst rel-L1 per layer)")
+    calibrated = video.add_mutually_exclusive_group()
+    calibrated.add_argument(
+        "--profile", type=input_file, help="the calibrated variant's profile (default: the shipped weights' own)"
+    )
+    calibrated.add_argument(
+        "--target-psnr",
+        type=positive_number,
+        help="instead: calibrate here to this output PSNR in dB (35 without a profile)",
+    )
+    calibrated.add_argument("--budget", type=budget, help="instead: calibrate here within this worst rel-L1 per layer")
     video.add_argument("--out", default="sagesla-demo", help="output folder")
     attention = demo.add_argument_group("attention demo (--attention)")
     attention.add_argument("--topk", type=topk, nargs="+", default=[0.05, 0.1, 0.2, 0.5])

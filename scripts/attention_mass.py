@@ -1,7 +1,7 @@
 """How much attention do a few key blocks hold? Per layer of the embedded model, sampled densely.
 
 Usage:
-    python scripts/attention_mass.py [--weights sagesla/embedded/tiny-video.safetensors] [--topk 0.1 0.25]
+    python scripts/attention_mass.py [--weights sagesla/embedded/tiny-video.safetensors] [--topk 0.05 0.1 0.2]
 
 SLA keeps the top ``topk`` key blocks of each query block for softmax attention and hands the rest to its linear
 branch, so it serves a model well where those blocks hold most of each query's attention probability. This samples
@@ -9,7 +9,7 @@ the demo's prompts with dense attention (``sagesla.calibration.sampling.denoise`
 Q and K (diffusers' native attention calls ``F.scaled_dot_product_attention``), and prints per layer the mean share
 of a query row's probability mass inside its query block's S kept key blocks: chosen by SLA's pooled scores
 (``select_blocks_ref``) and, as a bound no selector can pass, the S blocks holding the most mass. Dense attention
-over L tokens is formed per call (L x L per head): meant for the embedded model's 1024 tokens, on CPU.
+over L tokens is formed per call (L x L per head, float64): meant for the embedded model's 2048 tokens (CPU or GPU).
 """
 
 import argparse
@@ -69,12 +69,14 @@ def self_attention_calls() -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=str(WEIGHTS))
-    parser.add_argument("--topk", type=float, nargs="+", default=[0.1, 0.25])
+    parser.add_argument("--topk", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--block", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model, embed = load(args.weights, "cpu")
+    model, embed = load(args.weights, args.device)
     noise = torch.randn(len(DEMO_PROMPTS), *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
+    noise = noise.to(args.device)
     layers = len(model.blocks)
     with torch.no_grad(), self_attention_calls() as calls:
         denoise(model, noise, embed(list(DEMO_PROMPTS)), args.steps)

@@ -2,18 +2,18 @@
 
 Usage:
     python scripts/finetune_tiny.py    # sagesla/embedded/tiny-video.safetensors -> tiny-video-sla.safetensors
-    python scripts/finetune_tiny.py --objective flow --train all --out /tmp/tiny-sla-all.safetensors
+    python scripts/finetune_tiny.py --topk 0.05 --out /tmp/tiny-sla-0.05.safetensors
+    python scripts/finetune_tiny.py --train proj_l --out /tmp/tiny-sla-proj_l.safetensors
     python scripts/finetune_tiny.py --smoke --out /tmp/sla.safetensors    # seconds on CPU: 2 blocks, random weights
 
 The dense model (``--weights``) is patched with trainable SLA at ``--topk`` (``sagesla.patch(..., quantized=False)``,
 64 x 64 blocks). Its ``proj_l`` starts at zero, so the student starts as plain block-sparse attention, and learns to
 make up for the skipped blocks. Objective "distill" (default): the student's velocity regresses the frozen dense
 model's on the same noisy inputs, which is what keeps the sampled videos close to the dense ones; "flow": the
-flow-matching loss ``train_tiny.py`` trains with. ``--train proj_l`` trains only the proj_l of every layer
-(8 x 4160 parameters); ``--train attention`` (default) the self-attention layers' projections and QK-norms too
-(2.1 M parameters, at ``--transformer-lr``; the file holds them, 4 MB), so queries and keys can learn to put the
-attention that matters into the kept blocks; ``--train all`` the whole transformer, and the file then holds the
-whole model (18 MB: with the dense weights beyond the 25 MB shipped, so it needs an ``--out`` of its own).
+flow-matching loss ``train_tiny.py`` trains with. ``--train all`` (default; the SLA paper's and TurboDiffusion's
+way) fine-tunes every parameter of the transformer with SLA in place (at ``--transformer-lr``; proj_l at ``--lr``),
+and the file then holds the whole model (11.5 MB); ``--train attention`` only the self-attention layers'
+projections and QK-norms besides proj_l, ``--train proj_l`` only proj_l (6 x 4160 parameters).
 
 Writes ``--out`` atomically: ``sagesla.load_sla_weights`` loads it after ``sagesla.patch``, ``sagesla demo`` compares
 it; the metadata records topk, blocks, objective, what was trained, steps and the final loss.
@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help=f"default sagesla/embedded/{finetuned.SLA_WEIGHTS.name} (shipped)")
     parser.add_argument("--topk", type=float, default=finetuned.DEFAULT_TOPK, help="fraction of key blocks kept")
     parser.add_argument("--objective", choices=finetuned.OBJECTIVES, default="distill")
-    parser.add_argument("--train", choices=finetuned.TRAINED, default="attention")
+    parser.add_argument("--train", choices=finetuned.TRAINED, default="all")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of proj_l")
@@ -62,11 +62,8 @@ def parse_args() -> argparse.Namespace:
     )
     add_resume_arguments(parser)
     args = parser.parse_args()
-    if args.out is None and (args.smoke or args.train == "all"):
-        parser.error(
-            "--out is required with --smoke and with --train all (the default is the shipped file, "
-            f"{finetuned.SLA_WEIGHTS}, which holds proj_l only)"
-        )
+    if args.out is None and args.smoke:
+        parser.error(f"--out is required with --smoke (the default is the shipped file, {finetuned.SLA_WEIGHTS})")
     check_resume_arguments(parser, args, args.out if args.out is not None else finetuned.SLA_WEIGHTS)
     return args
 

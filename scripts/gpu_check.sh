@@ -3,7 +3,9 @@
 # Usage (device tool): SAGESLA_GIT_SHA=$(git rev-parse --short HEAD) bash scripts/gpu_check.sh [bench args...]
 # (the sha is read here and written into the command); results land in $OUT (default ./out).
 # SKIP_TESTS=1 / SKIP_BENCH=1 / SKIP_PATCH=1 / SKIP_FAMILIES=1 / SKIP_CALIB=1 / SKIP_E2E=1 / SKIP_VIDEO=1 /
-# SKIP_QUANT=1 / SKIP_MULTI=1 skip a part; VIDEO_MODELS picks the whole-video part's shapes; LIMIT=seconds caps
+# SKIP_QUANT=1 / SKIP_EMBEDDED=1 / SKIP_MULTI=1 skip a part; VIDEO_MODELS picks the whole-video part's shapes;
+# EMBEDDED=1 runs the embedded model's part alone (trained, from INIT=weights if given, fine-tuned at topk 0.1 and
+# 0.05, measured, demonstrated; TRAIN_ARGS / FINETUNE_ARGS are added to its training and fine-tunes); LIMIT=seconds caps
 # each part; E2E_ARGS replaces the e2e part's "--compile". The multi-GPU part (2+ GPUs: the multigpu tests, then
 # Ulysses scaling of the 1.3B and 14B shapes) runs last. Wheels in .whl/ are installed once per machine
 # (into /tmp/site; export PYTHONPATH=/tmp/site to reuse).
@@ -21,6 +23,34 @@ fi
 python3 -c "import sagesla.kernels" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "${EMBEDDED:-0}" = 1 ]; then
+    # The embedded model trained (from scratch, or on from INIT=weights), fully fine-tuned at topk 0.1 and 0.05,
+    # measured (attention mass, motion) and demonstrated (calibrated to 35 dB here): one log, eight files back.
+    LOG=$OUT/embedded.log
+    mv "$OUT/gpu.txt" "$LOG"
+    python3 scripts/train_tiny.py ${INIT:+--init "$INIT"} --out "$OUT/tiny-video.safetensors" ${TRAIN_ARGS:-} 2>&1 \
+        | tr '\r' '\n' | grep -v Warning | grep -E 'steps in|wrote|Error|error' | tee -a "$LOG"
+    for TOPK in 0.1 0.05; do
+        NAME=$([ "$TOPK" = 0.1 ] && echo tiny-video-sla || echo "tiny-video-sla-$TOPK")
+        python3 scripts/finetune_tiny.py --weights "$OUT/tiny-video.safetensors" --topk "$TOPK" \
+            --out "$OUT/$NAME.safetensors" ${FINETUNE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v Warning \
+            | grep -E 'steps in|wrote|Error|error|sagesla.patch' | tee -a "$LOG"
+    done
+    python3 scripts/attention_mass.py --weights "$OUT/tiny-video.safetensors" 2>&1 | grep -v Warning | tee -a "$LOG"
+    python3 scripts/check_tiny_motion.py --weights "$OUT/tiny-video.safetensors" 2>&1 | tail -1 | tee -a "$LOG"
+    for TOPK in 0.05 0.1; do
+        NAME=$([ "$TOPK" = 0.1 ] && echo tiny-video-sla || echo "tiny-video-sla-$TOPK")
+        python3 -m sagesla.cli demo --weights "$OUT/tiny-video.safetensors" --sla-weights "$OUT/$NAME.safetensors" \
+            --target-psnr 35 --out "$OUT/demo" 2>&1 | tr '\r' '\n' | grep -v -E 'Warning|calibrating|judging' \
+            | tee -a "$LOG"
+    done
+    TAG=$(python3 -c "import torch; from sagesla.tables import gpu_tag; print(gpu_tag(torch.cuda.get_device_name()))")
+    mv "$OUT/demo/report.json" "$OUT/$TAG-demo.json"; mv "$OUT/demo/demo.gif" "$OUT/demo.gif"
+    mv "$OUT/demo/frames.png" "$OUT/demo-frames.png"
+    mv "$OUT/demo/profile.safetensors" "$OUT/tiny-video.profile.safetensors"
+    rm -rf "$OUT/demo"
+    exit 0
+fi
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
     timeout "${LIMIT:-900}" python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
     # The whole pipeline-hooks file: its LoRA tests need peft, which this image has and CI does not.

@@ -20,7 +20,8 @@ def calls(monkeypatch, tmp_path):
 
     def video(out, **kwargs):
         seen.append(("video", kwargs))
-        return video_demo.VideoDemo([], [], kwargs["weights"] is not None, None)
+        calibration = kwargs["calibration"] or video_demo.Calibration(target_psnr=35.0)
+        return video_demo.VideoDemo([], [], kwargs["weights"] is not None, None, calibration)
 
     monkeypatch.setattr(sagesla.demo, "run_attention_demo", lambda *args, **kwargs: seen.append(("attention", {})))
     monkeypatch.setattr(sagesla.demo, "format_rows", lambda rows: "")
@@ -48,13 +49,19 @@ def test_demo_runs_the_video_demo_once_weights_are_shipped(calls, capsys):
     finetuned.SLA_WEIGHTS.write_bytes(b"")
     assert cli.main(["demo"]) == 0 and calls[1][1]["sla_weights"] == finetuned.SLA_WEIGHTS
     assert cli.main(["demo", "--attention"]) == 0 and calls[2][0] == "attention"
+    assert cli.main(["demo", "--target-psnr", "30"]) == 0
+    assert calls[3][1]["calibration"] == video_demo.Calibration(target_psnr=30.0)
+    assert cli.main(["demo", "--budget", "0.2"]) == 0
+    assert calls[4][1]["calibration"] == video_demo.Calibration(budget=0.2)
 
 
 def test_video_demo_without_weights_says_it_uses_random_ones(calls, capsys):
     assert cli.main(["demo", "--video", "--steps", "3"]) == 0
     [(name, kwargs)] = calls
     assert name == "video" and kwargs["weights"] is None and kwargs["steps"] == 3 and kwargs["guidance"] == 1.0
+    assert kwargs["calibration"] is None  # the demo's default: the shipped profile, else calibrated to 35 dB
     out = capsys.readouterr().out
+    assert "SageSLA, calibrated: calibrated here to 35 dB" in out
     assert "no trained weights (scripts/train_tiny.py writes them): random weights" in out
     assert "note: random weights: these videos are noise" in out
 
@@ -64,7 +71,7 @@ def test_video_demo_says_when_the_calibrated_profile_runs_dense(calls, monkeypat
         # A profile at topk 1.0 everywhere: every layer runs diffusers' attention, the dense videos exactly.
         identical = metrics.psnr(torch.zeros(1), torch.zeros(1))
         variant = video_demo.VariantResult(video_demo.CALIBRATED, None, 1.0, 0.0, identical, 1.0, 8, 8)
-        return video_demo.VideoDemo([], [variant], True, None)
+        return video_demo.VideoDemo([], [variant], True, None, video_demo.Calibration(target_psnr=35.0))
 
     monkeypatch.setattr(video_demo, "run_video_demo", video)
     assert cli.main(["demo", "--video"]) == 0
@@ -111,6 +118,11 @@ BAD_ARGUMENTS = [
     (["demo", "--guidance", "nan"], "--guidance"),
     (["demo", "--budget", "-0.1"], "--budget"),
     (["demo", "--budget", "inf"], "--budget"),
+    (["demo", "--target-psnr", "0"], "--target-psnr"),
+    (["demo", "--target-psnr", "nan"], "--target-psnr"),
+    (["demo", "--budget", "0.1", "--target-psnr", "30"], "--target-psnr"),
+    (["demo", "--video", "--profile", "{tmp}/missing.safetensors"], "--profile"),
+    (["demo", "--video", "--profile", "{tmp}/file.txt"], "--profile"),
     (["demo", "--seed", "-1"], "--seed"),
     (["demo", "--seed", str(2**64)], "--seed"),
     (["demo", "--device", "tpu"], "--device"),
@@ -303,7 +315,6 @@ def test_library_user_errors_are_one_line_and_bugs_keep_their_traceback(no_long_
     [
         ({"steps": 0}, "`steps`"),
         ({"guidance": float("nan")}, "`guidance`"),
-        ({"budget": -1.0}, "`budget`"),
         ({"topk": 0.0}, "`topk`"),
         ({"prompts": ()}, "`prompts`"),
     ],

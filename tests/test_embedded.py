@@ -1,7 +1,8 @@
-"""The embedded video model: its data (procedural moving shapes), training pieces, the training and fine-tuning
-scripts' smoke modes, and the video demo."""
+"""The embedded video model: its data (procedural moving shapes under a panning camera), training pieces, the
+training and fine-tuning scripts' smoke modes, and the video demo."""
 
 import copy
+import dataclasses
 import json
 import pathlib
 import runpy
@@ -16,13 +17,29 @@ from safetensors.torch import load_file
 import sagesla
 from sagesla import metrics
 from sagesla.embedded import finetuned
+from sagesla.embedded.demo import DEFAULT_TARGET_PSNR, Calibration
 from sagesla.embedded.model import TINY_VIDEO_CONFIG, WEIGHTS
-from sagesla.embedded.videos import BACKGROUND, DIRECTIONS, PROMPTS, centroid, from_latent, render, to_latent, tokenize
+from sagesla.embedded.videos import (
+    BACKGROUND,
+    CAMERA_SPEED,
+    CAMERAS,
+    COLOURS,
+    DIRECTIONS,
+    PROMPTS,
+    TEXTURE,
+    from_latent,
+    parse,
+    render,
+    to_latent,
+    tokenize,
+    track,
+)
+from sagesla.profile import load_profile
 
 SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 TWO_BLOCKS = {**TINY_VIDEO_CONFIG, "num_layers": 2}
 # At topk 1.0 the SLA variants' videos match dense to 89-109 dB PSNR on the random 2-block model (seeds 0, 1; the
-# quantized ones ~90 dB, the unquantized ~108 dB); topk 0.1 (15 of 16 key blocks skipped) gives ~51 dB.
+# quantized ones ~90 dB, the unquantized ~108 dB); topk 0.1 (29 of 32 key blocks skipped) gives far less.
 SAME_AS_DENSE_PSNR_DB = 80
 
 
@@ -34,7 +51,7 @@ def run_script(name: str, *argv: str) -> None:
 
 @pytest.fixture(scope="module")
 def finetune_smoke(tmp_path_factory) -> pathlib.Path:
-    """The file of a default fine-tune smoke run (2 random blocks, 4 distillation steps of proj_l and attention)."""
+    """The file of a default fine-tune smoke run (2 random blocks, 4 distillation steps of the whole model)."""
     pytest.importorskip("diffusers")
     out = tmp_path_factory.mktemp("finetune") / "sla.safetensors"
     run_script("finetune_tiny.py", "--smoke", "--out", str(out))
@@ -42,37 +59,60 @@ def finetune_smoke(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_every_prompt_moves_its_shape_the_prompted_way(device):
+def test_every_prompt_moves_its_shape_the_prompted_way_under_its_camera(device):
     video = render(list(PROMPTS), generator=torch.Generator(device).manual_seed(0), device=device).cpu()
-    assert video.shape == (len(PROMPTS), 3, 16, 32, 32) and video.min() >= -1 and video.max() <= 1
-    travel = centroid(video)[:, -1] - centroid(video)[:, 0]  # [N, 2] rows, columns
-    for prompt, moved in zip(PROMPTS, travel, strict=True):
-        along = torch.tensor(DIRECTIONS[prompt.split()[3]])
-        assert float(moved @ along) > 0.3 * 32, prompt  # crosses at least 30 % of the frame that way
-        assert float((moved - (moved @ along) * along).abs().max()) < 0.5, prompt  # and not sideways
+    assert video.shape == (len(PROMPTS), 3, 32, 64, 64) and video.min() >= -1 and video.max() <= 1
+    for prompt, clip in zip(PROMPTS, video, strict=True):
+        colour, _, direction, camera = parse(prompt)
+        centre, area = (x[0] for x in track(clip[None], colour))
+        assert float(area.min()) > 50, prompt  # in sight all along (radius >= 5.8 pixels)
+        world = centre[-1] - centre[0] + torch.tensor(CAMERAS[camera]) * CAMERA_SPEED * 31
+        along = torch.tensor(DIRECTIONS[direction])
+        assert 0.28 * 64 < float(world @ along) < 0.47 * 64, prompt  # 30-45 % of the frame, in the world
+        assert float((world - (world @ along) * along).abs().max()) < 1.0, prompt  # and not sideways
 
 
-def test_colour_and_shape_follow_the_prompt():
-    video = render(["red square moves left", "blue circle moves left"], generator=torch.Generator().manual_seed(1))
-    frames = video[:, :, 0]  # [2, 3, S, S], first frame
-    lit = frames.mean(dim=1) > BACKGROUND + 0.3  # [2, S, S]
-    red, blue = frames[0][:, lit[0]], frames[1][:, lit[1]]  # [3, pixels]
-    assert red[0].mean() > 0.8 and red[2].mean() < -0.4 and blue[2].mean() > 0.8 and blue[0].mean() < -0.4
-    # a square fills its bounding box; a circle about pi / 4 of it
-    box = [int(m.any(0).sum() * m.any(1).sum()) for m in lit]
-    fill = [int(m.sum()) / b for m, b in zip(lit, box, strict=True)]
-    assert fill[0] > 0.95 and 0.65 < fill[1] < 0.9, fill
+def test_the_camera_pans_the_background():
+    prompts = [f"green square moves up, camera {camera}" for camera in CAMERAS]
+    video = render(prompts, generator=torch.Generator().manual_seed(4))
+    for prompt, clip in zip(prompts, video, strict=True):
+        step = torch.tensor(CAMERAS[parse(prompt)[3]]).long() * CAMERA_SPEED  # the picture moves the other way
+        shift = (-step * 8).tolist()
+        first, last = torch.roll(clip[:, 0], shifts=shift, dims=(1, 2)), clip[:, 8]  # [3, S, S], 8 frames apart
+        # compare the grey (background) pixels of both, inside the part the roll did not wrap
+        grey = ((first.amax(0) - first.amin(0)) < 1e-6) & ((last.amax(0) - last.amin(0)) < 1e-6)
+        inner = (slice(16, 48), slice(16, 48))
+        assert int(grey[inner].sum()) > 500, prompt
+        assert torch.equal(first[0][inner][grey[inner]], last[0][inner][grey[inner]]), prompt
 
 
-def test_latent_round_trip_is_exact():
-    video = render(["green circle moves up"] * 2, generator=torch.Generator().manual_seed(2))
+def test_colour_and_shape_follow_the_prompt_and_distractors_take_other_colours():
+    prompts = ["red square moves left, camera still", "blue circle moves left, camera still"]
+    video = render(prompts, generator=torch.Generator().manual_seed(1))
+    for prompt, clip in zip(prompts, video, strict=True):
+        colour, shape = parse(prompt)[:2]
+        on = (clip[:, 0] - torch.tensor(COLOURS[colour])[:, None, None]).abs().amax(0) < 1e-6  # [S, S], frame 0
+        box = int(on.any(0).sum() * on.any(1).sum())
+        fill = int(on.sum()) / box  # a square fills its bounding box; a circle about pi / 4 of it
+        assert (fill > 0.95) if shape == "square" else (0.6 < fill < 0.9), (prompt, fill)
+        others = [name for name in COLOURS if name != colour]
+        assert sum(float(track(clip[None], name)[1][0, 0]) > 4 for name in others) >= 1  # a distractor is seen
+
+
+def test_latent_round_trip_is_exact_and_folds_two_by_two_pixels():
+    video = render(["green circle moves up, camera pans right"] * 2, generator=torch.Generator().manual_seed(2))
     latent = to_latent(video)
-    assert latent.shape == (2, 12, 16, 16, 16) and torch.equal(from_latent(latent), video)
+    assert latent.shape == (2, 12, 32, 32, 32) and torch.equal(from_latent(latent), video)
+    # channel (c, dy, dx) of latent pixel (t, y, x) is pixel (t, 2y + dy, 2x + dx) of colour c
+    assert torch.equal(latent[:, 2 * 4 + 1 * 2 + 1, 3, 5, 7], video[:, 2, 3, 11, 15])
 
 
 def test_unknown_prompt_raises_naming_it():
-    with pytest.raises(ValueError, match="'purple circle moves left'"):
-        tokenize(["purple circle moves left"])
+    with pytest.raises(ValueError, match="'purple circle moves left, camera still'"):
+        tokenize(["purple circle moves left, camera still"])
+    with pytest.raises(ValueError, match="'red circle moves left'"):
+        tokenize(["red circle moves left"])
+    assert tokenize(["red circle moves left, camera pans up"]).shape == (1, 4)
 
 
 def test_train_tiny_smoke(tmp_path, capsys):
@@ -104,12 +144,12 @@ def test_batches_are_reproducible_noised_videos():
     embedding = PromptEmbedding()
     first, again = (Batches(3, 7, "cpu").draw(embedding) for _ in range(2))
     assert torch.equal(first.latents, again.latents) and torch.equal(first.timesteps, again.timesteps)
-    assert first.latents.shape == (3, 12, 16, 16, 16) and first.text.shape == (3, 4, 64)
+    assert first.latents.shape == (3, 12, 32, 32, 32) and first.text.shape == (3, 4, 64)
     sigma = first.timesteps / 1000
     assert bool(((sigma > 0) & (sigma < 1)).all())
     # latents = x0 + sigma * (noise - x0): the clean video comes back, inside [-1, 1]
     x0 = first.latents - sigma[:, None, None, None, None] * first.velocity
-    assert x0.abs().max() <= 1 + 1e-5 and x0.min() < BACKGROUND + 0.01
+    assert x0.abs().max() <= 1 + 1e-5 and x0.min() < BACKGROUND - TEXTURE + 0.1  # the texture's dark spots
 
 
 def test_text_dropout_zeroes_whole_prompts_and_leaves_the_rest_alone():
@@ -183,14 +223,14 @@ def test_distillation_loss_is_zero_for_one_model_and_trains_proj_l_under_sparse_
 
 @pytest.mark.parametrize(
     "objective, train",
-    [("distill", "attention"), ("distill", "proj_l"), ("flow", "all")],
-    ids=["distill-attention", "distill-proj_l", "flow-all"],
+    [("distill", "all"), ("distill", "proj_l"), ("flow", "attention")],
+    ids=["distill-all", "distill-proj_l", "flow-attention"],
 )
 def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, capsys, finetune_smoke, objective, train):
     from sagesla.embedded.model import build, load
 
     out = finetune_smoke
-    if (objective, train) != ("distill", "attention"):
+    if (objective, train) != ("distill", "all"):
         out = tmp_path / "sla.safetensors"
         run_script("finetune_tiny.py", "--smoke", "--objective", objective, "--train", train, "--out", str(out))
         assert "4 steps in " in capsys.readouterr().out
@@ -214,11 +254,10 @@ def test_finetune_smoke_writes_proj_l_that_load_sla_weights_accepts(tmp_path, ca
             finetuned.load_attention(build({**TWO_BLOCKS, "num_layers": 3})[0], out)
 
 
-def test_finetune_needs_its_own_out_for_smoke_and_train_all(capsys):
-    for flags in (["--smoke"], ["--train", "all"]):
-        with pytest.raises(SystemExit):
-            run_script("finetune_tiny.py", *flags)
-        assert "--out is required with --smoke and with --train all" in capsys.readouterr().err
+def test_finetune_smoke_needs_its_own_out(capsys):
+    with pytest.raises(SystemExit):
+        run_script("finetune_tiny.py", "--smoke")
+    assert "--out is required with --smoke" in capsys.readouterr().err
 
 
 def test_finetune_record_is_checked(tmp_path):
@@ -253,10 +292,11 @@ def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, fine
 
     from sagesla.embedded.demo import format_results, format_variants, run_video_demo
 
-    prompts = ("red circle moves right", "blue square moves up")
+    prompts = ("red circle moves right, camera still", "blue square moves up, camera pans left")
     demo = run_video_demo(
         tmp_path, weights=None, sla_weights=finetune_smoke, prompts=prompts, steps=2, config=TWO_BLOCKS, progress=False
     )
+    assert demo.calibration == Calibration(target_psnr=DEFAULT_TARGET_PSNR)  # random weights: calibrated here
     assert not demo.trained and demo.finetune == finetuned.read(finetune_smoke)
     assert [r.prompt for r in demo.prompts] == list(prompts)
     assert all(r.dense_ms_per_step > 0 and r.psnr_db > 0 and -1 <= r.ssim <= 1 for r in demo.prompts)
@@ -266,19 +306,52 @@ def test_video_demo_writes_its_outputs_and_compares_every_variant(tmp_path, fine
     dense, *sla = demo.variants
     assert dense.psnr_db is None and dense.sparsity == 0 and dense.ms_per_step > 0
     assert all(v.psnr_db > 0 and 0 < v.ssim <= 1 and v.ms_per_step > 0 for v in sla)
-    assert [v.sparsity for v in sla[1:]] == [15 / 16] * 3  # 1 of 16 key blocks of 64 tokens kept
+    assert [v.sparsity for v in sla[1:]] == [29 / 32] * 3  # 3 of 32 key blocks of 64 tokens kept
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["results"][1]["prompt"] == prompts[1] and report["trained_weights"] is False
     assert report["gpu"] == "cpu" and {"torch", "triton", "git", "date"} <= report.keys()
-    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["train"] == "attention"
+    assert [v["name"] for v in report["variants"]] == names and report["finetune"]["train"] == "all"
+    assert report["calibration"] == "calibrated here to 35 dB" and report["profile_selection"]["target_psnr"] == 35
+    measured = report["profile_selection"]["output_psnr"]
+    assert measured >= 35 or not load_profile(tmp_path / "profile.safetensors").met.any()
     gif = Image.open(tmp_path / "demo.gif")  # dense | SageSLA calibrated | SageSLA fine-tuned
-    assert gif.n_frames == 16 * len(prompts) and gif.size == ((32 * 3 + 2 * 2) * 4, 32 * 4)
+    assert gif.n_frames == 32 * len(prompts) and gif.size == ((64 * 3 + 2 * 2) * 3, 64 * 3)
     width, height = gif.size
-    sheet = Image.open(tmp_path / "frames.png")  # frames 0, 5, 10, 15 in a row per prompt, 12-pixel gaps
+    sheet = Image.open(tmp_path / "frames.png")  # frames 0, 8, 16, 24 in a row per prompt, 12-pixel gaps
     assert sheet.size == (4 * width + 3 * 12, len(prompts) * height + (len(prompts) - 1) * 12)
     assert (tmp_path / "profile.png").is_file() and (tmp_path / "profile.safetensors").is_file()
-    assert "| red circle moves right" in format_results(demo.prompts)
+    assert "| red circle moves right, camera still" in format_results(demo.prompts)
     assert "| SageSLA, fine-tuned     | 0.1 " in format_variants(demo.variants)
+    # The profile written, read back as the calibrated variant's: the same videos, with no calibration run.
+    again = tmp_path / "again"
+    replay = run_video_demo(
+        again,
+        weights=None,
+        sla_weights=None,
+        prompts=prompts,
+        steps=2,
+        config=TWO_BLOCKS,
+        calibration=Calibration(profile=tmp_path / "profile.safetensors"),
+        progress=False,
+    )
+    assert replay.variants[1] == dataclasses.replace(demo.variants[1], ms_per_step=replay.variants[1].ms_per_step)
+    assert json.loads((again / "report.json").read_text())["calibration"] == "profile profile.safetensors"
+
+
+def test_calibration_takes_one_source_and_checks_it(tmp_path):
+    from sagesla.embedded.demo import PROFILE
+
+    assert Calibration.default(None) == Calibration(target_psnr=DEFAULT_TARGET_PSNR)
+    assert Calibration.default(tmp_path / "mine.safetensors") == Calibration(target_psnr=DEFAULT_TARGET_PSNR)
+    shipped = Calibration.default(WEIGHTS)
+    assert shipped == (Calibration(profile=PROFILE) if PROFILE.is_file() else Calibration(target_psnr=35.0))
+    for given in ({}, {"target_psnr": 30.0, "budget": 0.1}):
+        with pytest.raises(ValueError, match="exactly one of `profile`, `target_psnr` and `budget`"):
+            Calibration(**given)
+    with pytest.raises(ValueError, match="`target_psnr` must be a finite float > 0"):
+        Calibration(target_psnr=float("inf"))
+    with pytest.raises(ValueError, match="`budget` must be a finite number >= 0"):
+        Calibration(budget=-1.0)
 
 
 def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
@@ -287,7 +360,7 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
 
     from sagesla.embedded.demo import format_results, format_variants, run_video_demo
 
-    prompts = ("yellow circle moves left",)
+    prompts = ("yellow circle moves left, camera pans up",)
     demo = run_video_demo(
         tmp_path,
         weights=None,
@@ -297,6 +370,7 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
         guidance=2.0,
         topk=1.0,
         config=TWO_BLOCKS,
+        calibration=Calibration(budget=0.05),
         progress=False,
     )
     assert json.loads((tmp_path / "report.json").read_text())["guidance"] == 2.0
@@ -308,7 +382,7 @@ def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
     assert (calibrated.dense_layers, calibrated.layers) == (2, 2) and calibrated.ssim == 1.0
     assert "| SageSLA, calibrated     | 1.0 everywhere: all 2 layers dense | " in format_variants(demo.variants)
     assert format_results(demo.prompts).splitlines()[2].endswith("| 0.0%     | inf     | 1.0000 |")
-    assert Image.open(tmp_path / "demo.gif").size == ((32 * 2 + 2) * 4, 32 * 4)  # dense | SageSLA calibrated
+    assert Image.open(tmp_path / "demo.gif").size == ((64 * 2 + 2) * 3, 64 * 3)  # dense | SageSLA calibrated
 
 
 def test_variant_rows_say_how_many_layers_ran_dense():
@@ -332,20 +406,24 @@ def test_video_demo_rejects_files_that_do_not_fit_before_calibrating(tmp_path, f
         load(tmp_path / "nope.safetensors", "cpu")
     with pytest.raises(FileNotFoundError, match="scripts/finetune_tiny.py"):
         run_video_demo(tmp_path, weights=None, sla_weights=tmp_path / "nope.safetensors", config=TWO_BLOCKS)
-    with pytest.raises(ValueError, match=r"missing keys \['blocks.2.attn1.sla.proj_l.weight'"):
-        run_video_demo(tmp_path, weights=None, sla_weights=finetune_smoke)  # 2 fine-tuned blocks, 8 in the model
+    with pytest.raises(ValueError, match=r"fine-tuned a model of config .*'num_layers': 2.*'num_layers': 6"):
+        run_video_demo(tmp_path, weights=None, sla_weights=finetune_smoke)  # 2 fine-tuned blocks, 6 in the model
     assert list(tmp_path.iterdir()) == []  # nothing calibrated or written
 
 
-def test_motion_check_passes_the_training_videos_and_fails_still_or_wrong_ones():
+def test_motion_check_passes_the_training_videos_and_fails_still_wrong_or_lost_ones():
     check = runpy.run_path(str(SCRIPTS / "check_tiny_motion.py"))["check"]
     videos = render(list(PROMPTS), generator=torch.Generator().manual_seed(3))
     assert all(check(video, prompt)[0] for video, prompt in zip(videos, PROMPTS, strict=True))
-    still = videos[0][:, :1].expand_as(videos[0])  # "red circle moves left", frozen at its first frame
-    passes, line = check(still, PROMPTS[0])
+    prompt = "red circle moves right, camera still"
+    video = videos[PROMPTS.index(prompt)]
+    still = video[:, :1].expand_as(video)  # frozen at its first frame
+    passes, line = check(still, prompt)
     assert not passes and line.endswith("FAIL")
-    assert not check(videos[1], PROMPTS[0])[0]  # moving right, asked left
-    assert "colour WRONG" in check(videos[0], "blue circle moves left")[1]
+    assert not check(video, "red circle moves left, camera still")[0]  # moving right, asked left
+    # under a camera panning left, most of that picture motion is the camera's, not the shape's
+    assert not check(video, "red circle moves right, camera pans left")[0]
+    assert "LOST" in check(torch.full_like(video, BACKGROUND), prompt)[1]
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="the embedded weights are not in this checkout")
@@ -355,13 +433,15 @@ def test_shipped_weights_load_and_the_shipped_finetune_fits_them():
     model, embed = load(WEIGHTS, "cpu")
     with safe_open(WEIGHTS, "pt") as f:
         metadata = f.metadata()
-    assert (metadata["steps"], metadata["text_dropout"], metadata["sigma_shift"]) == ("8800", "0.1", "3.0")
-    assert WEIGHTS.stat().st_size <= 25 * 2**20
-    record = finetuned.read(finetuned.SLA_WEIGHTS)
-    assert (record.topk, record.train, record.objective, record.steps) == (0.1, "attention", "distill", 1200)
-    sagesla.patch(model, topk=record.topk, block_q=record.block_q, block_k=record.block_k)
-    assert len(sagesla.load_sla_weights(model, finetuned.SLA_WEIGHTS).loaded) == 16
-    finetuned.load_attention(model, finetuned.SLA_WEIGHTS)
+    assert (metadata["steps"], metadata["text_dropout"], metadata["sigma_shift"]) == ("7617", "0.1", "3.0")
+    shipped = [WEIGHTS, finetuned.SLA_WEIGHTS]
+    assert sum(path.stat().st_size for path in shipped if path.is_file()) <= 25e6
+    if finetuned.SLA_WEIGHTS.is_file():
+        record = finetuned.read(finetuned.SLA_WEIGHTS)
+        assert (record.topk, record.train, record.objective) == (0.1, "all", "distill")
+        tuned = load(finetuned.SLA_WEIGHTS, "cpu")[0]
+        sagesla.patch(tuned, topk=record.topk, block_q=record.block_q, block_k=record.block_k)
+        assert len(sagesla.load_sla_weights(tuned, finetuned.SLA_WEIGHTS).loaded) == 12
 
 
 @pytest.mark.skipif(not WEIGHTS.is_file(), reason="the embedded weights are not in this checkout")

@@ -1,9 +1,10 @@
 """``sagesla demo`` (the video demo): the embedded model sampled dense and with SLA variants, compared, pictured.
 
 Every variant samples the same noise with the same prompts as dense, so its videos differ only by the attention:
-- "SageSLA, calibrated": SageSLA with the per-layer topk a calibration within ``budget`` chose; a layer the
-  profile keeps at topk 1.0 in every timestep bucket runs diffusers' attention (``sagesla.patch``), so a profile at
-  1.0 everywhere makes this variant the dense model (its rows say how many layers ran dense);
+- "SageSLA, calibrated": SageSLA with the per-layer topk of a calibration profile (``Calibration``: the shipped
+  one, calibrated to ``DEFAULT_TARGET_PSNR`` dB of output PSNR, or one calibrated here); a layer the profile keeps
+  at topk 1.0 in every timestep bucket runs diffusers' attention (``sagesla.patch``), so a profile at 1.0
+  everywhere makes this variant the dense model (its rows say how many layers ran dense);
 - at one fixed topk (the fine-tune's, 0.1 without one) and the fine-tune's blocks (64 x 64):
   "sparse only": unquantized SLA with ``proj_l`` zero, which skips the linear branch: plain block-sparse attention;
   "SageSLA, not fine-tuned": quantized (INT8 Q/K, FP8 P/V), ``proj_l`` zero;
@@ -11,9 +12,9 @@ Every variant samples the same noise with the same prompts as dense, so its vide
   and the self-attention weights or the whole transformer when it trained them.
 
 Writes to an output folder: ``demo.gif`` (per prompt: dense | SageSLA calibrated [| SageSLA fine-tuned]) and
-``frames.png`` (its every 5th frame, a row per prompt),
+``frames.png`` (its every 8th frame, a row per prompt),
 ``profile.png`` (per-layer topk, sparsity and error from the calibration), ``profile.safetensors`` and
-``report.json``. Videos are [3, F, S, S] in [-1, 1] (F = 16 frames of S x S = 32 x 32 pixels).
+``report.json``. Videos are [3, F, S, S] in [-1, 1] (F = 32 frames of S x S = 64 x 64 pixels).
 """
 
 import copy
@@ -29,19 +30,64 @@ from torch import nn
 
 from sagesla import metrics, validation
 from sagesla.embedded import finetuned
-from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, load
+from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, config_of, load
 from sagesla.embedded.videos import from_latent
 from sagesla.files import check_output_path, write_text_atomic
 from sagesla.settings import SLA_BLOCK_SIZES
 from sagesla.tables import markdown_table, run_header
 
-DEMO_PROMPTS = ("red circle moves right", "blue square moves up", "yellow circle moves left")
+# The shipped weights' profile, written by ``sagesla demo --target-psnr 35`` on a GPU (its profile.safetensors).
+PROFILE = pathlib.Path(__file__).with_name("tiny-video.profile.safetensors")
+DEFAULT_TARGET_PSNR = 35.0
+DEMO_PROMPTS = (
+    "red circle moves right, camera still",
+    "blue square moves up, camera pans left",
+    "yellow circle moves left, camera pans down",
+)
 CALIBRATED = "SageSLA, calibrated"
 SPARSE = "sparse only"
 UNTUNED = "SageSLA, not fine-tuned"
 FINETUNED = "SageSLA, fine-tuned"
 # ``metrics.psnr`` of identical videos (its mean squared error is clamped away from 0).
 _IDENTICAL_DB = metrics.psnr(torch.zeros(1), torch.zeros(1))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where the calibrated variant's profile comes from: one of a profile file (``profile``), or a calibration run
+    here, on the demo's prompts with other noise seeds, to an output PSNR in dB (``target_psnr``:
+    ``calibrate(..., target_psnr=)``) or within a per-layer budget (``budget``: worst rel-L1 per layer).
+
+    Raises:
+        ValueError: not exactly one of the three, or a value out of range.
+    """
+
+    profile: pathlib.Path | None = None
+    target_psnr: float | None = None
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        from sagesla.calibration.choose import check_selection
+        from sagesla.calibration.quality import check_target_psnr
+
+        given = [name for name in ("profile", "target_psnr", "budget") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of `profile`, `target_psnr` and `budget`, got {given or 'none'}")
+        check_target_psnr(self.target_psnr)
+        if self.budget is not None:
+            check_selection(self.budget, "rel_l1", False, None)
+
+    @classmethod
+    def default(cls, weights: str | os.PathLike | None) -> "Calibration":
+        """The shipped profile with the shipped weights (when both are there), else ``DEFAULT_TARGET_PSNR``."""
+        if weights is not None and pathlib.Path(weights) == WEIGHTS and PROFILE.is_file():
+            return cls(profile=PROFILE)
+        return cls(target_psnr=DEFAULT_TARGET_PSNR)
+
+    def __str__(self) -> str:
+        if self.profile is not None:
+            return f"profile {self.profile.name}"
+        return f"calibrated here to {self.target_psnr:g} dB" if self.budget is None else f"budget {self.budget:g}"
 
 
 @dataclass(frozen=True)
@@ -84,12 +130,14 @@ class VideoDemo:
         variants: dense first, then each SLA variant in the order of the module docstring.
         trained: whether trained dense weights were used (random ones otherwise).
         finetune: the fine-tune the last variant used, or None (no such variant).
+        calibration: where the calibrated variant's profile came from.
     """
 
     prompts: list[PromptResult]
     variants: list[VariantResult]
     trained: bool
     finetune: finetuned.Finetune | None
+    calibration: Calibration
 
 
 @dataclass(frozen=True)
@@ -122,7 +170,7 @@ def sample_video(
     return SampledVideo(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(layers, len(skipped), 1))
 
 
-def _frames(videos: list[torch.Tensor], scale: int = 4):
+def _frames(videos: list[torch.Tensor], scale: int = 3):
     """Pillow frames of ``videos`` ([3, F, S, S] each) side by side with white bars between, ``scale`` times."""
     from PIL import Image
 
@@ -132,9 +180,9 @@ def _frames(videos: list[torch.Tensor], scale: int = 4):
     return [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in pixels]
 
 
-def _write_pictures(out: pathlib.Path, columns: list[list[SampledVideo]], every: int = 5) -> None:
+def _write_pictures(out: pathlib.Path, columns: list[list[SampledVideo]], every: int = 8) -> None:
     """``demo.gif``: per prompt, its videos of every column side by side, prompt after prompt; ``frames.png``: the
-    same still, one row per prompt holding every ``every``-th frame (0, 5, 10, 15 of 16)."""
+    same still, one row per prompt holding every ``every``-th frame (0, 8, 16, 24 of 32)."""
     from PIL import Image
 
     per_prompt = [_frames([s.video for s in row]) for row in zip(*columns, strict=True)]
@@ -191,23 +239,24 @@ def run_video_demo(
     prompts: tuple[str, ...] = DEMO_PROMPTS,
     steps: int = 10,
     guidance: float = 1.0,
-    budget: float = 0.05,
+    calibration: Calibration | None = None,
     topk: float | None = None,
     seed: int = 0,
     device: str | None = None,
     config: dict = TINY_VIDEO_CONFIG,
     progress: bool = True,
 ) -> VideoDemo:
-    """Calibrate, then sample dense and every variant; writes the outputs to ``out_dir``.
+    """Calibrate (or read a profile), then sample dense and every variant; writes the outputs to ``out_dir``.
 
-    Calibration runs on the same prompts with other noise seeds; the compared samples all use ``seed``.
+    A calibration runs on the same prompts with other noise seeds; the compared samples all use ``seed``.
 
     Args:
         out_dir: output folder (created).
         weights: dense weights (``scripts/train_tiny.py``); None: random weights built from ``config``, seeded.
         sla_weights: fine-tuned SLA weights (``scripts/finetune_tiny.py``); None: no fine-tuned variant.
         prompts: one video per prompt.
-        steps: denoising steps; budget: calibration budget (worst rel-L1 per layer).
+        steps: denoising steps.
+        calibration: the calibrated variant's profile; None: ``Calibration.default(weights)``.
         guidance: classifier-free guidance scale of the compared samples (1: none; for weights trained with
             ``train_tiny.py --text-dropout``); the calibration runs the conditional forward alone.
         topk: the fixed topk of the last variants; None: the fine-tune's, ``DEFAULT_TOPK`` without one.
@@ -215,19 +264,20 @@ def run_video_demo(
         progress: show the calibration's progress bar.
     Raises:
         FileNotFoundError: ``weights`` or ``sla_weights`` names no file.
-        ValueError: ``steps``, ``guidance``, ``budget`` or ``prompts`` out of range, ``sla_weights`` records no
-            fine-tune, or its ``proj_l`` do not fit the model.
+        ValueError: ``steps``, ``guidance`` or ``prompts`` out of range, ``sla_weights`` records no fine-tune, or
+            its ``proj_l`` do not fit the model.
+        ProfileError: ``calibration.profile`` is not a valid profile, or not one of this model's layers.
         OSError: ``out_dir`` cannot be created or written into (``files.check_output_path``).
     """
     import sagesla
     from sagesla.calibration import calibrate, plot_profile
-    from sagesla.calibration.choose import check_selection
+    from sagesla.profile import load_profile
 
     # Every argument before the model is built: nothing fails after the calibration ran.
     validation.check_positive("steps", steps)
     if not validation.is_number(guidance) or not 1 <= guidance < math.inf:
         raise ValueError(f"`guidance` must be a finite float >= 1 (1: no guidance), got {guidance!r}")
-    check_selection(budget, "rel_l1", False, None)
+    calibration = calibration or Calibration.default(weights)
     if topk is not None:
         validation.check_topk(topk)
     if not prompts:
@@ -240,9 +290,18 @@ def run_video_demo(
     blocks = (finetune.block_q, finetune.block_k) if finetune is not None else SLA_BLOCK_SIZES
     fixed = {"topk": topk, "block_q": blocks[0], "block_k": blocks[1]}
     model, embed = _dense_model(weights, config, seed, device)
+    if calibration.profile is not None:
+        profile = load_profile(calibration.profile)
+        sagesla.patch(model, profile=profile)  # a profile that does not fit the model fails here, before sampling
+        sagesla.unpatch(model)
     if finetune is not None:
         # Patched and loaded first: a file that does not fit the model fails before the calibration.
         tuned = load(sla_weights, device)[0] if finetune.train == "all" else copy.deepcopy(model)
+        if config_of(tuned) != config_of(model):
+            raise ValueError(
+                f"`sla_weights` {str(sla_weights)!r} fine-tuned a model of config {config_of(tuned)}, not the dense "
+                f"model's {config_of(model)}"
+            )
         tuned_layers = len(sagesla.patch(tuned, **fixed).replaced)
         sagesla.load_sla_weights(tuned, sla_weights)
         if finetune.train == "attention":
@@ -255,9 +314,11 @@ def run_video_demo(
     def noise(index: int, offset: int) -> torch.Tensor:
         return torch.randn(1, *LATENT_SHAPE, generator=torch.Generator().manual_seed(seed + offset + index))
 
-    profile = calibrate(
-        model, [(noise(i, 1000), t) for i, t in enumerate(texts)], steps=steps, budget=budget, progress=progress
-    )
+    if calibration.profile is None:
+        goal = {"budget": calibration.budget, "target_psnr": calibration.target_psnr}
+        goal = {key: value for key, value in goal.items() if value is not None}
+        inputs = [(noise(i, 1000), t) for i, t in enumerate(texts)]
+        profile = calibrate(model, inputs, steps=steps, progress=progress, **goal)
     profile.save(out / "profile.safetensors")
     plot_profile(profile, str(out / "profile.png"))
 
@@ -307,13 +368,14 @@ def run_video_demo(
         trained_weights=weights is not None,
         steps=steps,
         guidance=guidance,
-        budget=budget,
+        calibration=str(calibration),
+        profile_selection=asdict(profile.selection),
         finetune=None if finetune is None else asdict(finetune),
         results=[asdict(r) for r in results],
         variants=[asdict(v) for v in variants],
     )
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
-    return VideoDemo(results, variants, weights is not None, finetune)
+    return VideoDemo(results, variants, weights is not None, finetune, calibration)
 
 
 def _psnr_cell(psnr_db: float) -> str:

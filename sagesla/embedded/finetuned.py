@@ -2,10 +2,11 @@
 
 The file holds every SLA layer's ``proj_l`` under the model's own keys (``blocks.{i}.attn1.sla.proj_l.weight``
 [D, D] and ``.bias`` [D], fp32), which ``sagesla.load_sla_weights`` reads after ``sagesla.patch``, and its
-``Finetune`` settings plus the model config in the metadata. After ``--train attention`` it also holds the
-self-attention layers' own weights (``transformer.blocks.{i}.attn1.{to_q,to_k,to_v,to_out.0,norm_q,norm_k}.*``,
-bf16, 4 MB: ``load_attention`` reads them); after ``--train all`` the whole fine-tuned model, as
-``sagesla.embedded.model.load`` reads it (18 MB in bf16, so it is not shipped).
+``Finetune`` settings plus the model config in the metadata. After ``--train all`` (the shipped file: the SLA way,
+every parameter fine-tuned with SLA in place) it also holds the whole fine-tuned model as
+``sagesla.embedded.model.load`` reads it (bf16, 11.5 MB); after ``--train attention`` the self-attention layers'
+own weights (``transformer.blocks.{i}.attn1.{to_q,to_k,to_v,to_out.0,norm_q,norm_k}.*``, bf16: ``load_attention``
+reads them).
 """
 
 import dataclasses

@@ -1,5 +1,6 @@
 """The embedded video model: a small diffusers ``WanTransformer3DModel`` plus a learned word embedding as its text
-encoder, for the procedural videos of ``sagesla.embedded.videos`` (16 frames of 32 x 32 pixels: 1024 tokens).
+encoder, for the procedural videos of ``sagesla.embedded.videos`` (32 frames of 64 x 64 pixels: 2048 tokens, 32 key
+blocks of 64, one a frame).
 
 Its weights file (``scripts/train_tiny.py`` writes it): safetensors with the transformer under ``transformer.``
 (bf16), the prompt embedding under ``prompts.`` and the config as JSON under the metadata key ``config``.
@@ -14,27 +15,29 @@ from torch import nn
 
 from sagesla.embedded.videos import VOCABULARY, tokenize
 
-# 8 blocks of 4 heads x 64: about 9 M parameters; latents [12, 16, 16, 16] -> 16 x 8 x 8 = 1024 tokens.
+# 6 blocks of 4 heads x 64: about 5.8 M parameters (11.5 MB in bf16); latents [12, 32, 32, 32] in 4 x 4 patches ->
+# 32 frames x 8 x 8 = 2048 tokens, so a 64-token key block is one whole frame and a query block's top key blocks are
+# the frames it draws on: block sparsity in time, as in long videos, with space inside the blocks.
 TINY_VIDEO_CONFIG = {
-    "patch_size": (1, 2, 2),
+    "patch_size": (1, 4, 4),
     "num_attention_heads": 4,
     "attention_head_dim": 64,
     "in_channels": 12,
     "out_channels": 12,
     "text_dim": 64,
     "freq_dim": 64,
-    "ffn_dim": 1024,
-    "num_layers": 8,
+    "ffn_dim": 640,
+    "num_layers": 6,
     "qk_norm": "rms_norm_across_heads",
     "cross_attn_norm": True,
     "rope_max_seq_len": 64,
 }
-LATENT_SHAPE = (12, 16, 16, 16)  # channels, frames, height, width
+LATENT_SHAPE = (12, 32, 32, 32)  # channels, frames, height, width
 WEIGHTS = pathlib.Path(__file__).with_name("tiny-video.safetensors")
 
 
 class PromptEmbedding(nn.Module):
-    """Prompts -> text embeddings [N, 4, text_dim] (one learned vector per word of ``VOCABULARY``)."""
+    """Prompts -> text embeddings [N, 4, text_dim] (one learned vector per entry of ``VOCABULARY``)."""
 
     def __init__(self, text_dim: int = TINY_VIDEO_CONFIG["text_dim"]):
         super().__init__()

@@ -1,7 +1,7 @@
 """Training the embedded video model: fresh noisy batches, the flow-matching and distillation losses, the loop.
 
 Shared by ``scripts/train_tiny.py`` (flow matching from scratch) and ``scripts/finetune_tiny.py`` (SLA fine-tuning).
-Shapes: N batch, C = 12 latent channels, F frames, H x W latent pixels (``LATENT_SHAPE``: [12, 16, 16, 16]),
+Shapes: N batch, C = 12 latent channels, F frames, H x W latent pixels (``LATENT_SHAPE``: [12, 32, 32, 32]),
 E text_dim. Flow matching as diffusers' scheduler and ``sagesla.calibration.sampling.denoise`` sample: noised
 latents ``sigma * noise + (1 - sigma) * x0`` at timestep ``1000 * sigma``, velocity ``noise - x0``.
 """
