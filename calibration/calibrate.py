@@ -9,7 +9,7 @@ import sagesla
 from sagesla import validation
 from sagesla.calibration import sampling
 from sagesla.calibration.choose import check_selection, choose
-from sagesla.calibration.quality import OutputJudge, check_target_psnr, choose_at_quality
+from sagesla.calibration.quality import Decode, OutputJudge, check_target_psnr, choose_at_quality
 from sagesla.calibration.record import DEFAULT_CANDIDATES, Recording
 from sagesla.profile import Profile
 from sagesla.settings import SLASettings
@@ -44,6 +44,7 @@ def calibrate(
     buckets: int | Sequence[float] = 1,
     candidates: Sequence[float] = DEFAULT_CANDIDATES,
     settings: SLASettings | None = None,
+    decode: Decode | None = None,
     progress: bool = True,
 ) -> Profile:
     """Calibrate a Wan transformer: per-layer topk within an error budget, measured on its own dense trajectory.
@@ -73,6 +74,8 @@ def calibrate(
             of equal size, or give the ascending edges between buckets.
         candidates: topk values to evaluate (1.0 is always added).
         settings: the ``SLASettings`` to patch with when ``model`` is not patched (default: ``sagesla.patch``'s).
+        decode: with ``target_psnr``, judge the videos instead of the final latents: latents [B, C, F, H, W] ->
+            videos [B, ...] in [-1, 1] (``OutputJudge``); None judges the latents.
         progress: show a progress bar over attention calls (and over the judged profiles).
     Returns:
         the ``Profile`` (``profile.save(path)`` writes it; ``sagesla.patch(model, profile=...)`` applies it).
@@ -84,6 +87,10 @@ def calibrate(
     # With target_psnr the budget is ignored.
     check_selection(budget if target_psnr is None else 0.0, metric, per_head, target_sparsity)
     check_target_psnr(target_psnr, target_sparsity, per_head)
+    if decode is not None and not callable(decode):
+        raise TypeError(f"`decode` must be a callable (latents -> videos in [-1, 1]) or None, got {decode!r:.80}")
+    if decode is not None and target_psnr is None:
+        raise ValueError("`decode` serves the output PSNR: give it with `target_psnr`, or leave it None")
     recorded = _record_steps(steps, record_steps)
     schedule = sampling.timesteps(shift, steps)
     if isinstance(buckets, int):
@@ -106,8 +113,10 @@ def calibrate(
             steps=steps, record_steps=recorded, shift=shift, timesteps=schedule, inputs=len(inputs)
         )
         if target_psnr is not None:
-            judge = OutputJudge(model, inputs, steps=steps, shift=shift, dense=dense)
-            return choose_at_quality(measurements, judge, target_psnr, metric=metric, progress=progress)
+            judge = OutputJudge(model, inputs, steps=steps, shift=shift, dense=dense, decode=decode)
+            return choose_at_quality(
+                measurements, judge, target_psnr, metric=metric, judged_on=judge.judged_on, progress=progress
+            )
     finally:
         if patch_here:
             sagesla.unpatch(model)

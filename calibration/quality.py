@@ -5,7 +5,8 @@ latents [B, C, F, H, W] (the model's latent space), one sample per batch row.
 
 ``lagrangian_path`` orders profiles by sparsity, each spending mean error where it buys the most sparsity;
 ``OutputJudge`` samples the calibration inputs with the model following a profile and measures the PSNR of the
-final latents against the dense model's; ``sparsest_passing`` binary-searches a path with it.
+final latents (or of the videos a ``decode`` makes of them) against the dense model's; ``sparsest_passing``
+binary-searches a path with it.
 ``choose_at_quality`` (``calibrate(..., target_psnr=...)``) returns the sparsest profile of the path that reaches a
 target PSNR; ``budget_at_quality`` does the same along the per-layer budget rule (``choose``), for comparison.
 """
@@ -25,12 +26,16 @@ from sagesla.calibration import sampling
 from sagesla.calibration.choose import check_metric, choose, worst_error
 from sagesla.calibration.record import Progress
 from sagesla.patching.timesteps import TimestepTracker
-from sagesla.profile import Measurements, Profile, Selection
+from sagesla.profile import JUDGED_ON, Measurements, Profile, Selection
 
 logger = logging.getLogger("sagesla")
 
 # profile -> output PSNR in dB (``OutputJudge``).
 Judge = Callable[[Profile], float]
+# final latents [B, C, F, H, W] -> videos [B, ...] with values in [-1, 1] (``OutputJudge(decode=...)``).
+Decode = Callable[[torch.Tensor], torch.Tensor]
+# The PSNR range of decoded videos, whose values lie in [-1, 1].
+VIDEO_RANGE = 2.0
 
 
 def check_target_psnr(target_psnr: object, target_sparsity: object = None, per_head: object = False) -> None:
@@ -193,16 +198,23 @@ def sparsest_passing(count: int, passes: Callable[[int], bool]) -> int | None:
     return None if low < 0 else low
 
 
-def output_psnr(samples: Sequence[torch.Tensor], dense: Sequence[torch.Tensor]) -> float:
+def output_psnr(
+    samples: Sequence[torch.Tensor], dense: Sequence[torch.Tensor], data_range: float | None = None
+) -> float:
     """Mean over samples of each one's PSNR in dB against the dense model's, ``10 log10(range^2 / MSE)``.
 
     Args:
-        samples, dense: final latents per input, [B, C, F, H, W] each; every batch row is one sample, and its
-            range is the dense row's max - min (``metrics.psnr``, in float64; identical rows give a large finite
-            value, the MSE clamped at 1e-300).
+        samples, dense: final latents [B, C, F, H, W] (or decoded videos [B, ...]) per input; every batch row is
+            one sample (``metrics.psnr``, in float64; identical rows give a large finite value, the MSE clamped at
+            1e-300).
+        data_range: the PSNR range; None: each dense row's max - min (latents have no fixed range).
     """
     values = [
-        metrics.psnr(sample_row, dense_row, data_range=float(dense_row.amax() - dense_row.amin()))
+        metrics.psnr(
+            sample_row,
+            dense_row,
+            data_range=float(dense_row.amax() - dense_row.amin()) if data_range is None else data_range,
+        )
         for sample, reference in zip(samples, dense, strict=True)
         for sample_row, dense_row in zip(sample, reference.double(), strict=True)
     ]
@@ -225,7 +237,7 @@ def _sla_processors(model: nn.Module) -> dict[str, object]:
 
 class OutputJudge:
     """The output PSNR of a profile: the calibration inputs sampled with the model following it, against the dense
-    model's final latents (``output_psnr``).
+    model's final latents (``output_psnr``), or against its videos when ``decode`` is given.
 
     Each input is denoised as ``calibrate`` does (``sampling.denoise``: the same noise, text, steps and shift) with
     every SLA layer at the profile's topk for the running timestep bucket, as ``sagesla.patch(model, profile=...)``
@@ -233,13 +245,21 @@ class OutputJudge:
     serve, and each processor's topk and timestep tracker are restored after the run. One call costs
     ``len(inputs) * steps`` forwards.
 
+    Latents have no fixed range, so their PSNR takes each dense row's max - min; a model whose videos are cheap to
+    decode is better judged on them, as a viewer sees it: ``decode`` maps final latents to videos in [-1, 1]
+    (``VIDEO_RANGE``; clamp them as the pipeline does), and the PSNR is the video PSNR a demo reports.
+
     Args:
         model: a Wan transformer patched by ``sagesla.patch`` (any topk).
         inputs: (latents [B, C, F, H, W] starting noise, text [B, T, text_dim]) pairs, as ``calibrate`` takes them.
         steps, shift: the denoising run's.
         dense: the dense model's final latents of each input (``sampling.denoise``'s output); None samples them
             here (every layer at topk 1.0, i.e. diffusers' attention).
+        decode: final latents [B, C, F, H, W] -> videos [B, ...] in [-1, 1]; None: the latents are compared.
+    Attributes:
+        judged_on: "videos" with ``decode``, else "latents" (``Selection.judged_on``).
     Raises:
+        TypeError: ``decode`` is not callable.
         ValueError: ``model`` has no SLA layer, or a dense final latent row is not finite or constant (no range).
     Example:
         >>> sagesla.patch(model, topk=1.0)
@@ -255,9 +275,14 @@ class OutputJudge:
         steps: int,
         shift: float = sampling.DEFAULT_SHIFT,
         dense: Sequence[torch.Tensor] | None = None,
+        decode: Decode | None = None,
     ):
         validation.check_positive("steps", steps)
+        if decode is not None and not callable(decode):
+            raise TypeError(f"`decode` must be a callable (latents -> videos in [-1, 1]) or None, got {decode!r:.80}")
         self.model, self.inputs, self.steps, self.shift = model, list(inputs), steps, shift
+        self.decode = decode
+        self.judged_on = JUDGED_ON[0] if decode is None else JUDGED_ON[1]
         self.processors = _sla_processors(model)
         if dense is None:
             dense = self.sample(dict.fromkeys(self.processors, (1.0,)), ())
@@ -270,7 +295,11 @@ class OutputJudge:
                     f"`dense[{i}]`: the dense final latents must be finite and not constant in any row (PSNR needs "
                     "their range)"
                 )
-        self.dense = [latents.detach() for latents in dense]
+        self.dense = [self._compared(latents.detach()) for latents in dense]
+
+    def _compared(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the PSNR compares: ``latents`` or their videos."""
+        return latents if self.decode is None else self.decode(latents)
 
     @contextlib.contextmanager
     def _following(self, layer_topk: Mapping[str, Sequence[float]], edges: Sequence[float]) -> Iterator[None]:
@@ -304,7 +333,8 @@ class OutputJudge:
                 f"the profile's layers must be the model's SLA layers: only in the profile {sorted(theirs - ours)}, "
                 f"only in the model {sorted(ours - theirs)}"
             )
-        return output_psnr(self.sample(profile.layer_topk(), profile.bucket_edges), self.dense)
+        samples = [self._compared(latents) for latents in self.sample(profile.layer_topk(), profile.bucket_edges)]
+        return output_psnr(samples, self.dense, None if self.decode is None else VIDEO_RANGE)
 
 
 def _search(path: Sequence[Profile], judge: Judge, target_psnr: float, progress: bool) -> tuple[int, float, bool]:
@@ -346,6 +376,7 @@ def choose_at_quality(
     target_psnr: float,
     *,
     metric: str = "rel_l1",
+    judged_on: str = JUDGED_ON[0],
     progress: bool = False,
 ) -> Profile:
     """The sparsest profile of the Lagrangian path whose output PSNR reaches ``target_psnr``.
@@ -361,19 +392,24 @@ def choose_at_quality(
         judge: profile -> output PSNR in dB (``OutputJudge``).
         target_psnr: a finite float > 0, in dB.
         metric: the mean error allocated: "rel_l1" or "cosine" (1 - cosine similarity).
+        judged_on: what ``judge`` compares, "latents" or "videos" (``OutputJudge.judged_on``), for the record.
         progress: a progress bar over the judged profiles.
     Returns:
         a ``Profile``.
     Raises:
-        TypeError / ValueError: a bad ``target_psnr`` or ``metric`` (before any judging).
+        TypeError / ValueError: a bad ``target_psnr``, ``metric`` or ``judged_on`` (before any judging).
     """
     check_target_psnr(target_psnr)
+    if judged_on not in JUDGED_ON:
+        raise ValueError(f"`judged_on` must be one of {JUDGED_ON}, got {judged_on!r:.80}")
     path = _from_dense_most(lagrangian_path(measurements, metric), measurements, metric, False)
     index, psnr, met = _search(path, judge, float(target_psnr), progress)
     if not met:
         _warn_missed("target_psnr", target_psnr, psnr)
     chosen = path[index]
-    selection = dataclasses.replace(chosen.selection, target_psnr=float(target_psnr), output_psnr=psnr)
+    selection = dataclasses.replace(
+        chosen.selection, target_psnr=float(target_psnr), output_psnr=psnr, judged_on=judged_on
+    )
     return dataclasses.replace(chosen, selection=selection, met=torch.full_like(chosen.met, met))
 
 

@@ -82,8 +82,9 @@ def _quality_rule(profile: Profile) -> list[str]:
     selection = profile.selection
     error = _error_name(selection.metric)
     outcome = "met" if bool(profile.met.all()) else "NOT met: even the largest candidate everywhere misses it"
+    compared = "final latents" if selection.judged_on == "latents" else "decoded videos"
     return [
-        f"target: output PSNR >= {selection.target_psnr:g} dB (final latents against the dense model's, mean over "
+        f"target: output PSNR >= {selection.target_psnr:g} dB ({compared} against the dense model's, mean over "
         f"samples); measured {selection.output_psnr:.2f} dB: {outcome}",
         f"allocation: mean {error} spent where it buys the most sparsity (Lagrangian); worst {error} at the "
         f"chosen topk <= {selection.budget:.4g}",

@@ -40,7 +40,10 @@ METADATA_KEYS = ("format", "schema_version", "profile", "sha256")
 HEADER_FIELDS = ("model_class", "layers", "attention", "candidates", "bucket_edges", "selection", "info")
 # ``selection`` fields newer than the format: written only when set, so a file without them (older, or of another
 # selection rule) reads as before with None, and older readers still read budget-mode files.
-SELECTION_OPTIONAL = ("target_psnr", "output_psnr")
+SELECTION_OPTIONAL = ("target_psnr", "output_psnr", "judged_on")
+# What an output PSNR compares: the final latents (each dense row's max - min as the range) or the decoded videos
+# (values in [-1, 1], range 2).
+JUDGED_ON = ("latents", "videos")
 # Bounds of the header's numbers: far above any model or kernel configuration, low enough to stop a typo.
 MAX_BLOCK_SIZE = 1024
 MAX_HEADS = 1024
@@ -266,6 +269,8 @@ class Selection:
             (``sagesla.calibration.choose_at_quality``: ``budget`` is then the largest worst error at the chosen
             topk); else None.
         output_psnr: the output PSNR (dB) measured with the chosen topk, given with ``target_psnr``; else None.
+        judged_on: what ``output_psnr`` compared with the dense model's (``JUDGED_ON``): "latents" (the default with
+            ``target_psnr``, and what a file without the field measured) or "videos"; None without ``target_psnr``.
     """
 
     metric: str
@@ -274,6 +279,7 @@ class Selection:
     target_sparsity: float | None = None
     target_psnr: float | None = None
     output_psnr: float | None = None
+    judged_on: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("selection.metric", self.metric, METRICS)
@@ -290,6 +296,14 @@ class Selection:
                 "`selection.target_psnr` and `selection.output_psnr` must be given together (or neither), got "
                 f"{self.target_psnr!r} and {self.output_psnr!r}"
             )
+        if self.target_psnr is None and self.judged_on is not None:
+            raise ProfileError(
+                f"`selection.judged_on` comes with `selection.target_psnr`, got {self.judged_on!r} alone"
+            )
+        if self.target_psnr is not None:
+            if self.judged_on is None:
+                object.__setattr__(self, "judged_on", JUDGED_ON[0])
+            _check_choice("selection.judged_on", self.judged_on, JUDGED_ON)
         if self.target_psnr is not None and (self.target_sparsity is not None or self.per_head):
             raise ProfileError(
                 "`selection.target_psnr` allocates per layer and excludes `selection.target_sparsity` and "

@@ -278,6 +278,43 @@ def test_the_judge_measures_the_output_and_leaves_the_processors_as_they_were():
     assert [block.attn1.sla.topk for block in model.blocks] == [0.5, 0.5]
 
 
+def squashed(latents: torch.Tensor) -> torch.Tensor:
+    """A stand-in decode: latents [B, C, F, H, W] -> [B, 3, F, H, W] in [-1, 1]."""
+    return latents[:, :3].tanh()
+
+
+def test_a_judge_with_decode_measures_the_videos_at_range_two():
+    inputs = seeded_inputs([0, 1])
+    model = tiny_model()
+    sagesla.patch(model, topk=1.0)
+    judge = OutputJudge(model, inputs, steps=STEPS, decode=squashed)
+    assert judge.judged_on == "videos" and OutputJudge(model, inputs, steps=STEPS).judged_on == "latents"
+    profile = choose(calibrate(tiny_model(), inputs, steps=STEPS, progress=False).measurements, budget=1.0)
+    latents = judge.sample(profile.layer_topk(), ())
+    dense = [squashed(d) for d in OutputJudge(model, inputs, steps=STEPS).dense]
+    by_hand = []
+    for sample, reference in zip(latents, dense, strict=True):
+        for row, dense_row in zip(squashed(sample).double(), reference.double(), strict=True):
+            by_hand.append(10 * math.log10(4.0 / float((row - dense_row).square().mean())))
+    assert judge(profile) == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-12)
+    # Not the latents' PSNR: that one takes each dense row's own range.
+    assert abs(judge(profile) - output_psnr(latents, OutputJudge(model, inputs, steps=STEPS).dense)) > 0.1
+
+
+def test_calibrate_with_decode_records_a_video_judged_profile():
+    inputs = seeded_inputs([0, 1])
+    profile = calibrate(
+        tiny_model(), inputs, steps=STEPS, buckets=2, target_psnr=TARGET, decode=squashed, progress=False
+    )
+    assert profile.selection.judged_on == "videos" and "(decoded videos against the dense model's" in summary(profile)
+    unpatched = tiny_model()
+    dense = [squashed(sampling.denoise(unpatched, latents, text, STEPS)) for latents, text in inputs]
+    videos = [squashed(latents) for latents in sampled_with(profile, inputs)]
+    assert output_psnr(videos, dense, data_range=2.0) == pytest.approx(profile.selection.output_psnr, rel=1e-9)
+    latent_judged = calibrate(tiny_model(), inputs, steps=STEPS, target_psnr=TARGET, progress=False)
+    assert latent_judged.selection.judged_on == "latents" and "(final latents against" in summary(latent_judged)
+
+
 def test_the_judge_refuses_what_it_cannot_measure():
     inputs = seeded_inputs([0])
     with pytest.raises(ValueError, match=r"`model` has no SLA layer: sagesla.patch it first"):
@@ -310,8 +347,24 @@ def test_the_judge_refuses_what_it_cannot_measure():
         ),
         ({"target_psnr": 35.0, "per_head": True}, ValueError, r"leave `per_head` False, got True"),
         ({"target_psnr": 35.0, "metric": "l2"}, ValueError, r"`metric` must be one of \('rel_l1', 'cosine'\)"),
+        ({"target_psnr": 35.0, "decode": "vae"}, TypeError, r"`decode` must be a callable .* or None, got 'vae'"),
+        ({"decode": squashed}, ValueError, r"`decode` serves the output PSNR: give it with `target_psnr`"),
+        ({"target_psnr": 35.0, "judged_on": "pixels"}, ValueError, r"`judged_on` must be one of \('latents', 'vid"),
     ],
-    ids=["str", "bool", "zero", "negative", "nan", "inf", "with-target-sparsity", "per-head", "metric"],
+    ids=[
+        "str",
+        "bool",
+        "zero",
+        "negative",
+        "nan",
+        "inf",
+        "with-target-sparsity",
+        "per-head",
+        "metric",
+        "decode-not-callable",
+        "decode-alone",
+        "judged-on",
+    ],
 )
 def test_bad_quality_arguments_raise_before_any_run(monkeypatch, kwargs, error, message):
     def no_run(*args, **kwargs):
@@ -319,9 +372,10 @@ def test_bad_quality_arguments_raise_before_any_run(monkeypatch, kwargs, error, 
 
     # The package's `calibrate` is the function; the module holds the names it runs.
     monkeypatch.setattr(importlib.import_module("sagesla.calibration.calibrate"), "Recording", no_run)
-    with pytest.raises(error, match=message):
-        calibrate(tiny_model(), seeded_inputs([0]), steps=1, progress=False, **kwargs)
-    choose_kwargs = {k: v for k, v in kwargs.items() if k in ("target_psnr", "metric")}
+    if "judged_on" not in kwargs:  # calibrate takes it from its judge
+        with pytest.raises(error, match=message):
+            calibrate(tiny_model(), seeded_inputs([0]), steps=1, progress=False, **kwargs)
+    choose_kwargs = {k: v for k, v in kwargs.items() if k in ("target_psnr", "metric", "judged_on")}
     if len(choose_kwargs) == len(kwargs):
         with pytest.raises(error, match=message):
             choose_at_quality(measured(torch.rand(2, 1, 3)), no_run, **choose_kwargs)

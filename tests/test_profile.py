@@ -114,7 +114,7 @@ def test_round_trip_and_digest_ignores_only_layout(saved, tmp_path):
 
 
 def test_an_output_psnr_selection_round_trips_and_a_file_without_it_reads_as_none(saved, tmp_path):
-    quality = Selection("rel_l1", 0.4, target_psnr=35.0, output_psnr=36.25)
+    quality = Selection("rel_l1", 0.4, target_psnr=35.0, output_psnr=36.25, judged_on="videos")
     path = tmp_path / "quality.safetensors"
     dataclasses.replace(make_profile(), selection=quality).save(path)
     header = json.loads(stored(path)[0]["profile"])
@@ -125,8 +125,17 @@ def test_an_output_psnr_selection_round_trips_and_a_file_without_it_reads_as_non
         "target_sparsity": None,
         "target_psnr": 35.0,
         "output_psnr": 36.25,
+        "judged_on": "videos",
     }
     assert load_profile(path).selection == quality
+    # Written before judged_on: the output PSNR was the final latents'.
+    unjudged = tmp_path / "unjudged.safetensors"
+
+    def unjudge(header):
+        del header["selection"]["judged_on"]
+
+    rewrite(path, unjudged, unjudge, redigest=True)
+    assert load_profile(unjudged).selection == dataclasses.replace(quality, judged_on="latents")
     # A budget-mode file, as every file written before these fields: none of them, read as None.
     assert sorted(json.loads(stored(saved)[0]["profile"])["selection"]) == [
         "budget",
@@ -138,7 +147,8 @@ def test_an_output_psnr_selection_round_trips_and_a_file_without_it_reads_as_non
     older = tmp_path / "older.safetensors"
 
     def drop(header):
-        del header["selection"]["target_psnr"], header["selection"]["output_psnr"]
+        for name in ("target_psnr", "output_psnr", "judged_on"):
+            del header["selection"][name]
 
     rewrite(path, older, drop, redigest=True)
     assert load_profile(older).selection == Selection("rel_l1", 0.4)
@@ -299,6 +309,14 @@ MALFORMED = {
         r"`selection.target_psnr` and `selection.output_psnr` must be given together \(or neither\), got None and 40.0",
     ),
     "output-psnr-bool": (_edit("selection.output_psnr", True), r"`selection.output_psnr` must be a finite float"),
+    "judged-on-alone": (
+        _edit("selection.judged_on", "videos"),
+        r"`selection.judged_on` comes with `selection.target_psnr`, got 'videos' alone",
+    ),
+    "judged-on-unknown": (
+        lambda h: h["selection"].update(target_psnr=35.0, output_psnr=36.0, judged_on="pixels"),
+        r"`selection.judged_on` must be one of \('latents', 'videos'\), got str 'pixels'",
+    ),
     "psnr-and-sparsity": (
         lambda h: h["selection"].update(target_sparsity=0.5, target_psnr=35.0, output_psnr=36.0),
         r"`selection.target_psnr` allocates per layer and excludes `selection.target_sparsity`",
@@ -314,7 +332,7 @@ MALFORMED = {
     "selection-extra": (
         _edit("selection.psnr", 35.0),
         r"`selection` must have the fields \['metric', 'budget', 'per_head', 'target_sparsity'\] \(optional: "
-        r"\['target_psnr', 'output_psnr'\]\): missing \[\], unexpected \['psnr'\]",
+        r"\['target_psnr', 'output_psnr', 'judged_on'\]\): missing \[\], unexpected \['psnr'\]",
     ),
     "field-extra": (_edit("extra", 1), r"`header` must have the fields .*: missing \[\], unexpected \['extra'\]"),
     "settings-extra": (_edit("attention.block_v", 64), r"`attention` must have .*unexpected \['block_v'\]"),
