@@ -26,10 +26,7 @@ demo: install
 
 # The shipped embedded weights from scratch (needs a GPU: about 13 minutes on an H100).
 train-tiny: install
-	mkdir -p build
-	$(BIN)/python scripts/train_tiny.py --out build/tiny-stage1.safetensors
-	$(BIN)/python scripts/train_tiny.py --init build/tiny-stage1.safetensors --steps 3300 \
-		--out sagesla/embedded/tiny-video.safetensors
+	$(BIN)/python scripts/train_tiny.py --out sagesla/embedded/tiny-video.safetensors
 	$(BIN)/python scripts/finetune_tiny.py
 
 lint: install

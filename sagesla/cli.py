@@ -197,7 +197,14 @@ def _shipped(given: str | None, shipped: pathlib.Path, what: str) -> str | pathl
 
 def _video_demo(args: argparse.Namespace, device: str) -> int:
     from sagesla.embedded import finetuned
-    from sagesla.embedded.demo import CALIBRATED, Calibration, format_results, format_variants, run_video_demo
+    from sagesla.embedded.demo import (
+        CALIBRATED,
+        Calibration,
+        format_headline,
+        format_results,
+        format_variants,
+        run_video_demo,
+    )
     from sagesla.embedded.model import WEIGHTS, load
     from sagesla.profile import load_profile
 
@@ -250,6 +257,9 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
             "layers, which run diffusers' attention"
             + (f": '{CALIBRATED}' is the dense model (a lower --target-psnr may allow sparsity)" if every else "")
         )
+    if device == "cpu":
+        print("note: on a CPU the SLA variants run the PyTorch reference path: their ms/step are not a speed result")
+    print(format_headline(demo.variants))
     columns = "dense | SageSLA calibrated" + (" | SageSLA fine-tuned" if demo.finetune is not None else "")
     print(f"wrote {args.out}/demo.gif ({columns}), frames.png, profile.png, profile.safetensors, report.json")
     return 0
@@ -260,7 +270,8 @@ def _demo(args: argparse.Namespace) -> int:
     from sagesla.embedded.model import WEIGHTS
 
     device = args.device or default_device()
-    if args.video or (not args.attention and WEIGHTS.is_file()):
+    video_files = args.weights is not None or args.sla_weights is not None
+    if args.video or (not args.attention and (video_files or WEIGHTS.is_file())):
         return _video_demo(args, device)
     if not args.attention:
         print(f"note: no trained video model ({WEIGHTS} is not there): the attention demo (--video: random weights)")
@@ -328,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sla-weights",
         type=input_file,
         default=None,
-        help="proj_l from scripts/finetune_tiny.py (default: the shipped, if any)",
+        help="the SLA fine-tune from scripts/finetune_tiny.py (default: the shipped, if any)",
     )
     video.add_argument("--steps", type=positive_int, default=10, help="denoising steps")
     video.add_argument("--guidance", type=guidance, default=1.0, help="classifier-free guidance scale (1: none)")

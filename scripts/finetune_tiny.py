@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--topk", type=float, default=finetuned.DEFAULT_TOPK, help="fraction of key blocks kept")
     parser.add_argument("--objective", choices=finetuned.OBJECTIVES, default="distill")
     parser.add_argument("--train", choices=finetuned.TRAINED, default="all")
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=2800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of proj_l")
     parser.add_argument(

@@ -33,11 +33,11 @@ if [ "${EMBEDDED:-0}" = 1 ]; then
     for TOPK in 0.1 0.05; do
         NAME=$([ "$TOPK" = 0.1 ] && echo tiny-video-sla || echo "tiny-video-sla-$TOPK")
         python3 scripts/finetune_tiny.py --weights "$OUT/tiny-video.safetensors" --topk "$TOPK" \
-            --out "$OUT/$NAME.safetensors" ${FINETUNE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v Warning \
+            $([ "$TOPK" = 0.05 ] && echo --steps 1500) --out "$OUT/$NAME.safetensors" ${FINETUNE_ARGS:-} 2>&1 | tr '\r' '\n' | grep -v Warning \
             | grep -E 'steps in|wrote|Error|error|sagesla.patch' | tee -a "$LOG"
     done
     python3 scripts/attention_mass.py --weights "$OUT/tiny-video.safetensors" 2>&1 | grep -v Warning | tee -a "$LOG"
-    python3 scripts/check_tiny_motion.py --weights "$OUT/tiny-video.safetensors" 2>&1 | tail -1 | tee -a "$LOG"
+    python3 scripts/check_tiny_motion.py --weights "$OUT/tiny-video.safetensors" --every 4 2>&1 | tail -1 | tee -a "$LOG"
     for TOPK in 0.05 0.1; do
         NAME=$([ "$TOPK" = 0.1 ] && echo tiny-video-sla || echo "tiny-video-sla-$TOPK")
         python3 -m sagesla.cli demo --weights "$OUT/tiny-video.safetensors" --sla-weights "$OUT/$NAME.safetensors" \

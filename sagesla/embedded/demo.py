@@ -5,6 +5,9 @@ Every variant samples the same noise with the same prompts as dense, so its vide
   one, calibrated to ``DEFAULT_TARGET_PSNR`` dB of output PSNR, or one calibrated here); a layer the profile keeps
   at topk 1.0 in every timestep bucket runs diffusers' attention (``sagesla.patch``), so a profile at 1.0
   everywhere makes this variant the dense model (its rows say how many layers ran dense);
+- "per-layer budget, same PSNR" (when calibrated here to an output PSNR): the per-layer budget rule at the largest
+  budget whose output PSNR on the calibration videos reaches the same target (``budget_at_quality``), the rule the
+  target-PSNR allocation replaces, judged on the same held-out videos;
 - at one fixed topk (the fine-tune's, 0.1 without one) and the fine-tune's blocks (64 x 64):
   "sparse only": unquantized SLA with ``proj_l`` zero, which skips the linear branch: plain block-sparse attention;
   "SageSLA, not fine-tuned": quantized (INT8 Q/K, FP8 P/V), ``proj_l`` zero;
@@ -33,6 +36,7 @@ from sagesla.embedded import finetuned
 from sagesla.embedded.model import LATENT_SHAPE, TINY_VIDEO_CONFIG, WEIGHTS, build, config_of, load
 from sagesla.embedded.videos import from_latent
 from sagesla.files import check_output_path, write_text_atomic
+from sagesla.profile import Profile
 from sagesla.settings import SLA_BLOCK_SIZES
 from sagesla.tables import markdown_table, run_header
 
@@ -45,9 +49,13 @@ DEMO_PROMPTS = (
     "yellow circle moves left, camera pans down",
 )
 CALIBRATED = "SageSLA, calibrated"
+BUDGET_TWIN = "per-layer budget, same PSNR"
 SPARSE = "sparse only"
 UNTUNED = "SageSLA, not fine-tuned"
 FINETUNED = "SageSLA, fine-tuned"
+# A calibration here samples each prompt from these noise seeds (offsets from ``seed``), none of them the compared
+# videos' (offset 0): the reported quality is measured on videos the calibration did not see.
+CALIBRATION_OFFSETS = (1000, 2000)
 # ``metrics.psnr`` of identical videos (its mean squared error is clamped away from 0).
 _IDENTICAL_DB = metrics.psnr(torch.zeros(1), torch.zeros(1))
 
@@ -55,8 +63,9 @@ _IDENTICAL_DB = metrics.psnr(torch.zeros(1), torch.zeros(1))
 @dataclass(frozen=True)
 class Calibration:
     """Where the calibrated variant's profile comes from: one of a profile file (``profile``), or a calibration run
-    here, on the demo's prompts with other noise seeds, to an output PSNR in dB (``target_psnr``:
-    ``calibrate(..., target_psnr=)``) or within a per-layer budget (``budget``: worst rel-L1 per layer).
+    here, on the demo's prompts with other noise seeds (``CALIBRATION_OFFSETS``), to an output PSNR in dB of the
+    videos (``target_psnr``: ``calibrate(..., target_psnr=, decode=)``) or within a per-layer budget (``budget``:
+    worst rel-L1 per layer).
 
     Raises:
         ValueError: not exactly one of the three, or a value out of range.
@@ -150,6 +159,11 @@ class SampledVideo:
     sparsity: float
 
 
+def _videos(latents: torch.Tensor) -> torch.Tensor:
+    """Final latents [N, C, F, H, W] -> videos [N, 3, F', H', W'] in [-1, 1] (clamped, as they are shown)."""
+    return from_latent(latents).clamp(-1, 1)
+
+
 def sample_video(
     model: nn.Module, noise: torch.Tensor, text: torch.Tensor, steps: int, guidance: float = 1.0, layers: int = 0
 ) -> SampledVideo:
@@ -167,7 +181,7 @@ def sample_video(
         torch.cuda.synchronize()
     ms = (time.perf_counter() - start) * 1e3 / steps
     skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
-    return SampledVideo(from_latent(latent)[0].clamp(-1, 1), ms, sum(skipped) / max(layers, len(skipped), 1))
+    return SampledVideo(_videos(latent)[0], ms, sum(skipped) / max(layers, len(skipped), 1))
 
 
 def _frames(videos: list[torch.Tensor], scale: int = 3):
@@ -270,7 +284,7 @@ def run_video_demo(
         OSError: ``out_dir`` cannot be created or written into (``files.check_output_path``).
     """
     import sagesla
-    from sagesla.calibration import calibrate, plot_profile
+    from sagesla.calibration import plot_profile
     from sagesla.profile import load_profile
 
     # Every argument before the model is built: nothing fails after the calibration ran.
@@ -314,11 +328,14 @@ def run_video_demo(
     def noise(index: int, offset: int) -> torch.Tensor:
         return torch.randn(1, *LATENT_SHAPE, generator=torch.Generator().manual_seed(seed + offset + index))
 
+    twin = None
     if calibration.profile is None:
-        goal = {"budget": calibration.budget, "target_psnr": calibration.target_psnr}
-        goal = {key: value for key, value in goal.items() if value is not None}
-        inputs = [(noise(i, 1000), t) for i, t in enumerate(texts)]
-        profile = calibrate(model, inputs, steps=steps, progress=progress, **goal)
+        seeds = len(CALIBRATION_OFFSETS)
+        inputs = [
+            (torch.cat([noise(i, offset) for offset in CALIBRATION_OFFSETS]), t.expand(seeds, -1, -1))
+            for i, t in enumerate(texts)
+        ]
+        profile, twin = _calibrate_here(model, inputs, steps, calibration, progress)
     profile.save(out / "profile.safetensors")
     plot_profile(profile, str(out / "profile.png"))
 
@@ -333,6 +350,7 @@ def run_video_demo(
     runs, counts = {"dense": (1.0, dense)}, {}
     for name, topk_shown, options in (
         (CALIBRATED, None, {"profile": profile}),
+        *(((BUDGET_TWIN, None, {"profile": twin}),) if twin is not None else ()),
         (SPARSE, topk, {**fixed, "quantized": False}),
         (UNTUNED, topk, fixed),
     ):
@@ -370,12 +388,40 @@ def run_video_demo(
         guidance=guidance,
         calibration=str(calibration),
         profile_selection=asdict(profile.selection),
+        budget_twin_selection=None if twin is None else asdict(twin.selection),
         finetune=None if finetune is None else asdict(finetune),
         results=[asdict(r) for r in results],
         variants=[asdict(v) for v in variants],
     )
     write_text_atomic(out / "report.json", json.dumps(report, indent=1))
     return VideoDemo(results, variants, weights is not None, finetune, calibration)
+
+
+def _calibrate_here(
+    model: nn.Module,
+    inputs: list[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    calibration: Calibration,
+    progress: bool,
+) -> tuple[Profile, Profile | None]:
+    """(the profile ``calibration`` asks for, calibrated on ``inputs``; with a target PSNR, its per-layer budget
+    twin at the same target, judged on the same videos, else None)."""
+    import sagesla
+    from sagesla.calibration import OutputJudge, budget_at_quality, calibrate
+
+    if calibration.budget is not None:
+        return calibrate(model, inputs, steps=steps, budget=calibration.budget, progress=progress), None
+    # Judged on the videos, as the PSNR column measures them.
+    profile = calibrate(
+        model, inputs, steps=steps, target_psnr=calibration.target_psnr, decode=_videos, progress=progress
+    )
+    sagesla.patch(model, topk=1.0)
+    try:
+        judge = OutputJudge(model, inputs, steps=steps, decode=_videos)
+        twin = budget_at_quality(profile.measurements, judge, calibration.target_psnr, progress=progress).profile
+    finally:
+        sagesla.unpatch(model)
+    return profile, twin
 
 
 def _psnr_cell(psnr_db: float) -> str:
@@ -409,6 +455,16 @@ def format_results(results: list[PromptResult]) -> str:
             for r in results
         ],
     )
+
+
+def format_headline(variants: list[VariantResult]) -> str:
+    """One line: the calibrated and the fine-tuned variants' sparsity and quality (those of them that ran)."""
+    parts = [
+        f"{v.name} {v.sparsity:.1%} sparse at {_psnr_cell(v.psnr_db)} dB PSNR, SSIM {v.ssim:.3f}"
+        for v in variants
+        if v.name in (CALIBRATED, FINETUNED)
+    ]
+    return "headline: " + "; ".join(parts)
 
 
 def format_variants(variants: list[VariantResult]) -> str:
