@@ -1,7 +1,7 @@
 """Video quality of the embedded model with its block linears quantized by ``sagesla.quantize_linear``, against
 dense, alone and under SageSLA.
 
-The embedded model (``sagesla.embedded.model``, trained weights; 8 blocks of 256 features, MLP 1024, so every block
+The embedded model (``sagesla.embedded.model``, trained weights; 6 blocks of 256 features, MLP 640, so every block
 linear passes the default ``min_features=128`` and only SLA's 64 x 64 ``proj_l`` stays exact) samples each prompt
 from the same noise (``calibration.sampling.denoise``, as ``sagesla demo`` does) as:
 - dense: the model as trained;
@@ -11,13 +11,13 @@ from the same noise (``calibration.sampling.denoise``, as ``sagesla demo`` does)
 - SageSLA + int8 / fp8: both.
 Every variant is a copy of the dense model, so the rows differ only by what their names say. PSNR and SSIM are
 against the dense video of the same prompt (``sagesla.metrics``, videos in [-1, 1]); ms/step is the wall-clock of
-one denoising step after a warm-up step (on this 1024-token model it shows the per-call cost of dynamic activation
+one denoising step after a warm-up step (on this 2048-token model it shows the per-call cost of dynamic activation
 quantization, not what it saves on a Wan-sized one). The model runs bf16 on CUDA (the precision FP8 takes) and
 fp32 on CPU (int8 only; a couple of minutes on 2 cores).
 
 Usage:
-    python scripts/quantized_linear_quality.py [--steps 10] [--topk 0.5] [--prompt "red circle moves right" ...]
-        [--device cuda] [--seed 0] [--out-dir benchmarks/results]
+    python scripts/quantized_linear_quality.py [--steps 10] [--topk 0.5]
+        [--prompt "red circle moves right, camera still" ...] [--device cuda] [--seed 0] [--out-dir benchmarks/results]
 
 Writes ``<out-dir>/<gpu>-quantized-linear.{json,md}`` and prints the tables.
 """

@@ -66,5 +66,7 @@ def test_main_prints_one_line_per_topk_for_the_shipped_model(script, monkeypatch
     monkeypatch.setattr("sys.argv", ["attention_mass.py", "--steps", "1", "--topk", "0.1", "0.5"])
     script["main"]()
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("8 self-attention calls (8 layers x 1 steps), 1024 tokens, block 64")
-    assert lines[1].startswith("topk 0.1 (1 of 16 key blocks)") and lines[2].startswith("topk 0.5 (8 of 16 key blocks)")
+    assert lines[0].startswith("6 self-attention calls (6 layers x 1 steps), 2048 tokens, block 64")
+    assert lines[1].startswith("topk 0.1 (3 of 32 key blocks)") and lines[2].startswith(
+        "topk 0.5 (16 of 32 key blocks)"
+    )

@@ -374,10 +374,10 @@ def embedded_scheduler_sample(model, text: torch.Tensor, seed: int) -> torch.Ten
 
 @pytest.fixture(scope="module")
 def embedded_sample() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """(the embedded transformer, its text [1, 4, 64] for one prompt, its 4-step sample [1, 12, 16, 16, 16] seed 0)."""
+    """(the embedded transformer, its text [1, 4, E] for one prompt, its 4-step sample [1, 12, 32, 32, 32] seed 0)."""
     model, prompts = embedded.load(embedded.WEIGHTS, "cpu")
     with torch.no_grad():
-        text = prompts(["red square moves left"])
+        text = prompts(["red square moves left, camera still"])
     return model, text, embedded_scheduler_sample(model, text, seed=0)
 
 
