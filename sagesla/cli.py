@@ -210,6 +210,12 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
 
     with reported_as("argument --out"):
         files.check_output_path(args.out, folder=True)
+    if args.buckets is not None and args.target_psnr is None and args.budget is None:
+        raise UsageError(
+            f"argument --buckets: applies to a calibration here (--target-psnr or --budget), got {args.buckets}"
+        )
+    if args.buckets is not None and args.buckets > args.steps:
+        raise UsageError(f"argument --buckets: must be at most --steps ({args.steps}), got {args.buckets}")
     weights = _shipped(
         args.weights, WEIGHTS, "no trained weights (scripts/train_tiny.py writes them): random weights, noise videos"
     )
@@ -231,7 +237,7 @@ def _video_demo(args: argparse.Namespace, device: str) -> int:
             load_profile(args.profile)
         calibration = Calibration(profile=pathlib.Path(args.profile))
     elif args.target_psnr is not None or args.budget is not None:
-        calibration = Calibration(target_psnr=args.target_psnr, budget=args.budget)
+        calibration = Calibration(target_psnr=args.target_psnr, budget=args.budget, buckets=args.buckets or 1)
     print(f"SageSLA video demo: the embedded model, {args.steps} denoising steps per prompt, device {device}")
     demo = run_video_demo(
         args.out,
@@ -353,6 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: calibrate here to this output PSNR in dB (35 without a profile)",
     )
     calibrated.add_argument("--budget", type=budget, help="instead: calibrate here within this worst rel-L1 per layer")
+    video.add_argument(
+        "--buckets", type=positive_int, default=None, help="with --target-psnr / --budget: timestep buckets (1)"
+    )
     video.add_argument("--out", default="sagesla-demo", help="output folder")
     attention = demo.add_argument_group("attention demo (--attention)")
     attention.add_argument("--topk", type=topk, nargs="+", default=[0.05, 0.1, 0.2, 0.5])

@@ -53,6 +53,8 @@ def test_demo_runs_the_video_demo_once_weights_are_shipped(calls, capsys):
     assert calls[3][1]["calibration"] == video_demo.Calibration(target_psnr=30.0)
     assert cli.main(["demo", "--budget", "0.2"]) == 0
     assert calls[4][1]["calibration"] == video_demo.Calibration(budget=0.2)
+    assert cli.main(["demo", "--target-psnr", "35", "--buckets", "2"]) == 0
+    assert calls[5][1]["calibration"] == video_demo.Calibration(target_psnr=35.0, buckets=2)
 
 
 def test_video_demo_without_weights_says_it_uses_random_ones(calls, capsys):
@@ -121,6 +123,9 @@ BAD_ARGUMENTS = [
     (["demo", "--target-psnr", "0"], "--target-psnr"),
     (["demo", "--target-psnr", "nan"], "--target-psnr"),
     (["demo", "--budget", "0.1", "--target-psnr", "30"], "--target-psnr"),
+    (["demo", "--video", "--buckets", "0", "--target-psnr", "35"], "--buckets"),
+    (["demo", "--video", "--buckets", "2"], "--buckets"),
+    (["demo", "--video", "--buckets", "3", "--steps", "2", "--budget", "0.1"], "--buckets"),
     (["demo", "--video", "--profile", "{tmp}/missing.safetensors"], "--profile"),
     (["demo", "--video", "--profile", "{tmp}/file.txt"], "--profile"),
     (["demo", "--seed", "-1"], "--seed"),

@@ -370,6 +370,50 @@ def test_calibration_takes_one_source_and_checks_it(tmp_path):
         Calibration(target_psnr=float("inf"))
     with pytest.raises(ValueError, match="`budget` must be a finite number >= 0"):
         Calibration(budget=-1.0)
+    with pytest.raises(ValueError, match="`buckets` must be a positive int, got 0"):
+        Calibration(target_psnr=35.0, buckets=0)
+    with pytest.raises(ValueError, match="`buckets` applies to a calibration here, not to a profile file, got 2"):
+        Calibration(profile=tmp_path / "p.safetensors", buckets=2)
+    assert str(Calibration(target_psnr=35.0, buckets=2)) == "calibrated here to 35 dB, 2 timestep buckets"
+    assert str(Calibration(budget=0.1)) == "budget 0.1"
+
+
+def test_a_calibration_here_gives_its_buckets_to_calibrate(tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    import sagesla.calibration
+    from sagesla.embedded.demo import run_video_demo
+
+    seen = {}
+
+    def recording(model, inputs, **kwargs):
+        seen.update(kwargs, inputs=inputs)
+        raise InterruptedError("recorded")
+
+    monkeypatch.setattr(sagesla.calibration, "calibrate", recording)
+    prompts = ("red circle moves right, camera still",)
+    with pytest.raises(InterruptedError):
+        run_video_demo(
+            tmp_path,
+            weights=None,
+            sla_weights=None,
+            prompts=prompts,
+            steps=2,
+            config=TWO_BLOCKS,
+            calibration=Calibration(target_psnr=35.0, buckets=2),
+            progress=False,
+        )
+    assert seen["buckets"] == 2 and seen["steps"] == 2 and seen["target_psnr"] == 35.0 and callable(seen["decode"])
+    [(noise, text)] = seen["inputs"]  # one prompt, two noise seeds in the batch
+    assert noise.shape[0] == 2 and text.shape[0] == 2 and not torch.equal(noise[0], noise[1])
+    with pytest.raises(ValueError, match=r"`calibration.buckets` must be at most `steps` \(2\), got 3"):
+        run_video_demo(
+            tmp_path,
+            weights=None,
+            sla_weights=None,
+            steps=2,
+            config=TWO_BLOCKS,
+            calibration=Calibration(budget=0.1, buckets=3),
+        )
 
 
 def test_video_demo_sla_variants_equal_dense_at_topk_1(tmp_path):
@@ -477,3 +521,21 @@ def test_shipped_model_draws_the_prompted_shape(capsys):
     out = capsys.readouterr().out
     counts = out.splitlines()[-1]
     assert exit_.value.code == 0 and "/10 prompts pass" in counts and "largest in" in counts, out
+
+
+def test_a_sampled_videos_sparsity_is_the_mean_over_every_forward():
+    """A profile's topk can change with the timestep: the first of 2 steps (t = 1000) dense, the second (t = 750)
+    at topk 0.5 (16 of 32 key blocks skipped) give 0.25, not the last call's 0.5."""
+    pytest.importorskip("diffusers")
+    from sagesla.embedded.demo import sample_video
+    from sagesla.embedded.model import LATENT_SHAPE, build
+
+    torch.manual_seed(0)
+    model, embed = build(TWO_BLOCKS)
+    sagesla.patch(model.eval(), topk=0.5, dense_steps=(900.0, 1000.0), backend="torch")
+    with torch.no_grad():
+        text = embed(["red circle moves right, camera still"])
+    noise = torch.randn(1, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
+    sampled = sample_video(model, noise, text, steps=2, layers=2)
+    last = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
+    assert sampled.sparsity == 0.25 and last == [0.5, 0.5]

@@ -65,15 +65,16 @@ class Calibration:
     """Where the calibrated variant's profile comes from: one of a profile file (``profile``), or a calibration run
     here, on the demo's prompts with other noise seeds (``CALIBRATION_OFFSETS``), to an output PSNR in dB of the
     videos (``target_psnr``: ``calibrate(..., target_psnr=, decode=)``) or within a per-layer budget (``budget``:
-    worst rel-L1 per layer).
+    worst rel-L1 per layer); a calibration here gives each of ``buckets`` timestep buckets its own topk.
 
     Raises:
-        ValueError: not exactly one of the three, or a value out of range.
+        ValueError: not exactly one of the three, a value out of range, or ``buckets`` other than 1 with a profile.
     """
 
     profile: pathlib.Path | None = None
     target_psnr: float | None = None
     budget: float | None = None
+    buckets: int = 1
 
     def __post_init__(self) -> None:
         from sagesla.calibration.choose import check_selection
@@ -85,6 +86,9 @@ class Calibration:
         check_target_psnr(self.target_psnr)
         if self.budget is not None:
             check_selection(self.budget, "rel_l1", False, None)
+        validation.check_positive("buckets", self.buckets)
+        if self.profile is not None and self.buckets != 1:
+            raise ValueError(f"`buckets` applies to a calibration here, not to a profile file, got {self.buckets}")
 
     @classmethod
     def default(cls, weights: str | os.PathLike | None) -> "Calibration":
@@ -96,7 +100,8 @@ class Calibration:
     def __str__(self) -> str:
         if self.profile is not None:
             return f"profile {self.profile.name}"
-        return f"calibrated here to {self.target_psnr:g} dB" if self.budget is None else f"budget {self.budget:g}"
+        goal = f"calibrated here to {self.target_psnr:g} dB" if self.budget is None else f"budget {self.budget:g}"
+        return goal if self.buckets == 1 else f"{goal}, {self.buckets} timestep buckets"
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ class SampledVideo:
 
     video: torch.Tensor  # [3, F, S, S] in [-1, 1]
     ms_per_step: float
-    # Mean over the self-attention layers of the fraction of block pairs the last call skipped (0 in dense ones).
+    # Mean over the forwards and the self-attention layers of the fraction of block pairs skipped (0 in dense ones).
     sparsity: float
 
 
@@ -172,16 +177,25 @@ def sample_video(
     and those left dense (the sparsity's denominator; 0: the SLA layers alone)."""
     from sagesla.calibration.sampling import denoise
 
+    processors = [p for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
+    per_forward: list[float] = []
+
+    def record(*_) -> None:  # a profile's topk changes with the timestep: every forward counts
+        per_forward.append(sum(p.last_sparsity for p in processors) / max(layers, len(processors), 1))
+
     cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    latent = denoise(model, noise, text, steps, guidance=guidance)
-    if cuda:
-        torch.cuda.synchronize()
-    ms = (time.perf_counter() - start) * 1e3 / steps
-    skipped = [p.last_sparsity for p in model.attn_processors.values() if hasattr(p, "last_sparsity")]
-    return SampledVideo(_videos(latent)[0], ms, sum(skipped) / max(layers, len(skipped), 1))
+    hook = model.register_forward_hook(record)
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        latent = denoise(model, noise, text, steps, guidance=guidance)
+        if cuda:
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3 / steps
+    finally:
+        hook.remove()
+    return SampledVideo(_videos(latent)[0], ms, sum(per_forward) / len(per_forward))
 
 
 def _frames(videos: list[torch.Tensor], scale: int = 3):
@@ -292,6 +306,8 @@ def run_video_demo(
     if not validation.is_number(guidance) or not 1 <= guidance < math.inf:
         raise ValueError(f"`guidance` must be a finite float >= 1 (1: no guidance), got {guidance!r}")
     calibration = calibration or Calibration.default(weights)
+    if calibration.buckets > steps:
+        raise ValueError(f"`calibration.buckets` must be at most `steps` ({steps}), got {calibration.buckets}")
     if topk is not None:
         validation.check_topk(topk)
     if not prompts:
@@ -409,12 +425,11 @@ def _calibrate_here(
     import sagesla
     from sagesla.calibration import OutputJudge, budget_at_quality, calibrate
 
+    common = {"steps": steps, "buckets": calibration.buckets, "progress": progress}
     if calibration.budget is not None:
-        return calibrate(model, inputs, steps=steps, budget=calibration.budget, progress=progress), None
+        return calibrate(model, inputs, budget=calibration.budget, **common), None
     # Judged on the videos, as the PSNR column measures them.
-    profile = calibrate(
-        model, inputs, steps=steps, target_psnr=calibration.target_psnr, decode=_videos, progress=progress
-    )
+    profile = calibrate(model, inputs, target_psnr=calibration.target_psnr, decode=_videos, **common)
     sagesla.patch(model, topk=1.0)
     try:
         judge = OutputJudge(model, inputs, steps=steps, decode=_videos)
