@@ -29,23 +29,18 @@ MIN_TRAVEL = 0.25  # of the frame, along the prompted direction, in the world
 MIN_AREA = 8.0  # pixels of the prompted colour in a frame (the shape's radius is 5.8-8.3 pixels)
 
 
-def largest_colour(video: torch.Tensor) -> str:
-    """The vocabulary colour covering the most pixels of a video [3, F, S, S], over all frames."""
-    areas = {colour: float(track(video[None], colour)[1].sum()) for colour in COLOURS}
-    return max(areas, key=areas.get)
-
-
 def check(video: torch.Tensor, prompt: str) -> tuple[bool, bool, str]:
     """(passes the motion check, the prompted colour is the largest, one line) for a video [3, F, S, S] in [-1, 1]."""
     colour, _, direction, camera = parse(prompt)
     size, frames = video.shape[-1], video.shape[1]
-    centre, area = (x[0] for x in track(video[None], colour))  # [F, 2], [F]
+    tracks = {name: [x[0] for x in track(video[None], name)] for name in COLOURS}  # [F, 2] centre, [F] area each
+    centre, area = tracks[colour]
+    largest = max(tracks, key=lambda name: float(tracks[name][1].sum()))
     pan = torch.tensor(CAMERAS[camera]) * CAMERA_SPEED * (frames - 1)
     along = float((centre[-1] - centre[0] + pan) @ torch.tensor(DIRECTIONS[direction]))
     seen = [float(area[t]) for t in (0, frames // 2, -1)]
     in_sight = min(seen) >= MIN_AREA
     passes = in_sight and along >= MIN_TRAVEL * size  # NaN travel (shape gone) compares False
-    largest = largest_colour(video)
     line = (
         f"{prompt:42s} travel {along:6.1f} px  area {seen[0]:5.1f} {seen[1]:5.1f} {seen[2]:5.1f}  "
         f"{'in sight' if in_sight else 'LOST':8s}  largest {largest:6s}  {'pass' if passes else 'FAIL'}"

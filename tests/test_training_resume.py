@@ -54,28 +54,18 @@ def test_a_run_split_over_a_state_file_ends_bit_for_bit_as_one_run(tmp_path):
     whole = fit(flow_loss(model, prompts, batches), groups, 6, "cpu")
 
     path = tmp_path / "state.safetensors"
-    first_model, first_prompts, first_batches, first_groups = wan_run(0, 0)
-    modules = {"transformer": first_model, "prompts": first_prompts}
-    stopped = fit(
-        flow_loss(first_model, first_prompts, first_batches),
-        first_groups,
-        6,
-        "cpu",
-        TrainingCheckpoint(path, modules, first_batches, stop_after=3),
-    )
+
+    def checkpointed(seed: int, batch_seed: int, resume=None, **settings):
+        """(the run, its transformer, its prompt embedding): a run of ``wan_run(seed, batch_seed)`` over ``path``."""
+        model, prompts, batches, groups = wan_run(seed, batch_seed)
+        checkpoint = TrainingCheckpoint(path, {"transformer": model, "prompts": prompts}, batches, **settings)
+        return fit(flow_loss(model, prompts, batches), groups, 6, "cpu", checkpoint, resume), model, prompts
+
+    stopped, _, _ = checkpointed(0, 0, stop_after=3)
     assert not stopped.finished and stopped.losses == whole.losses[:3]
     assert str(stopped).startswith("steps 1-3 of 6 in ")
 
-    again_model, again_prompts, again_batches, again_groups = wan_run(5, 7)
-    modules = {"transformer": again_model, "prompts": again_prompts}
-    resumed = fit(
-        flow_loss(again_model, again_prompts, again_batches),
-        again_groups,
-        6,
-        "cpu",
-        TrainingCheckpoint(path, modules, again_batches),
-        load_state(path),
-    )
+    resumed, again_model, again_prompts = checkpointed(5, 7, load_state(path))
     assert resumed.finished and resumed.start == 3 and str(resumed).startswith("steps 4-6 of 6 in ")
     assert resumed.losses == whole.losses
     for ours, theirs in ((again_model, model), (again_prompts, prompts)):
